@@ -1,0 +1,51 @@
+"""Shared provenance for benchmark results: machine, versions, git revision."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import subprocess
+import sys
+from datetime import datetime, timezone
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def provenance() -> dict:
+    import kornia
+    import lightly
+    import numpy
+    import torch
+    import torchvision
+
+    try:
+        rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT,
+                             capture_output=True, text=True, check=True).stdout.strip()
+        dirty = bool(subprocess.run(["git", "status", "--porcelain", "--", "ssl_sec", "eval"],
+                                    cwd=ROOT, capture_output=True, text=True).stdout.strip())
+    except (OSError, subprocess.CalledProcessError):
+        rev, dirty = "unknown", False
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
+    return {
+        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "git": rev + ("+dirty" if dirty else ""),
+        "command": " ".join([os.path.relpath(sys.argv[0], ROOT), *sys.argv[1:]]),
+        "machine": {"platform": platform.platform(), "processor": platform.processor(),
+                    "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+                    "gpu": gpu},
+        "versions": {"python": platform.python_version(), "torch": torch.__version__,
+                     "torchvision": torchvision.__version__, "kornia": kornia.__version__,
+                     "lightly": lightly.__version__, "numpy": numpy.__version__},
+    }
+
+
+def write_result(path: str | Path, payload: dict) -> Path:
+    path = Path(path)
+    if not path.is_absolute():
+        path = ROOT / path
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({**provenance(), **payload}, indent=2) + "\n")
+    print(f"wrote {path.relative_to(ROOT)}")
+    return path

@@ -1,0 +1,4 @@
+#!/usr/bin/env bash
+# Install ssl_sec with its test extras into ./.venv and run the whole test suite.
+EXTRAS="[dev]" source "$(dirname "$0")/setup_env.sh"
+.venv/bin/python -m pytest tests -ra "$@"

@@ -1,0 +1,362 @@
+"""The recipe schema: one set of dataclasses that holds every default.
+
+A recipe YAML names only what differs from these defaults; unknown keys, wrong types and
+out-of-range values are errors (`ConfigError`), never silently ignored. Dotted overrides
+(`optim.lr=0.3`) are parsed as YAML scalars and go through the same checks.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .errors import ConfigError
+
+DATASETS = ("cifar10", "cifar100", "imagefolder")
+METHODS = ("simclr",)
+ARCHS = ("resnet18", "resnet34", "resnet50")
+
+
+@dataclass
+class DataConfig:
+    dataset: str = "cifar10"
+    # Where the data lives; None means $SSL_SEC_DATA, then ./data.
+    root: str | None = None
+    # Download the official archive (md5-verified) when the data is not found.
+    download: bool = True
+    # Keep only these class ids (e.g. source classes for few-shot transfer); None = all.
+    classes: list[int] | None = None
+    # Use only the first N training / test images (0 = all): for quick runs and tests.
+    train_subset: int = 0
+    test_subset: int = 0
+    # ImageFolder only: side of the square the images are resized to when loaded.
+    image_size: int = 64
+    # ImageFolder only: a file with one class folder name (WNID) per line, e.g. ImageNet-100.
+    classes_file: str | None = None
+
+
+@dataclass
+class AugmentConfig:
+    """SimCLR view augmentation; every probability and range explicit (kornia defaults differ)."""
+
+    size: int = 32
+    crop_scale: list[float] = field(default_factory=lambda: [0.08, 1.0])
+    crop_ratio: list[float] = field(default_factory=lambda: [0.75, 4.0 / 3.0])
+    hflip_p: float = 0.5
+    jitter_p: float = 0.8
+    brightness: float = 0.4
+    contrast: float = 0.4
+    saturation: float = 0.4
+    hue: float = 0.1
+    gray_p: float = 0.2
+    blur_p: float = 0.0
+    blur_sigma: list[float] = field(default_factory=lambda: [0.1, 2.0])
+    solarize_p: float = 0.0
+
+
+@dataclass
+class ModelConfig:
+    arch: str = "resnet18"
+    # 3x3 stride-1 conv1 and no max-pool: the standard for 32x32 images.
+    cifar_stem: bool = True
+    proj_hidden_dim: int = 2048
+    proj_output_dim: int = 128
+    # channels_last helps convolutions on GPUs and on recent CPUs alike.
+    channels_last: bool = True
+
+
+@dataclass
+class MocoConfig:
+    queue_size: int = 4096
+    momentum: float = 0.99
+    # "constant" or "cosine" (cosine-increased to 1 over the run, as BYOL / solo-learn).
+    momentum_schedule: str = "constant"
+    symmetric: bool = True
+    # Single-device BatchNorm remedy: "split" (split-BN into groups) or "none".
+    bn_remedy: str = "split"
+    bn_splits: int = 8
+
+
+@dataclass
+class LossConfig:
+    temperature: float = 0.2
+    w_infonce: float = 1.0
+    # SEC: eta(t) * mean_i (||z_i|| - mu)^2.
+    sec_eta: float = 0.0
+    # "constant" or "linear" (0 -> eta over the run, as the SEC authors' SSL code).
+    sec_ramp: str = "constant"
+    # "batch": mu = detached mean norm of the batch; "ema": mu kept in a checkpointed buffer.
+    sec_mu: str = "batch"
+    sec_momentum: float = 0.1
+    # "projector" (z, default) or "backbone" (pooled features h).
+    sec_on: str = "projector"
+    # Circle-style term (issue 3).
+    w_circle: float = 0.0
+    circle_margin: float = 0.25
+    circle_gamma: float = 16.0
+
+
+@dataclass
+class OptimConfig:
+    name: str = "lars"
+    lr: float = 0.8
+    momentum: float = 0.9
+    weight_decay: float = 1e-5
+    batch_size: int = 512
+    epochs: int = 200
+    warmup_epochs: float = 10.0
+    # Final lr of the cosine schedule as a fraction of lr.
+    min_lr_ratio: float = 0.0
+    # Max gradient norm (0 = no clipping).
+    grad_clip: float = 0.0
+    # LARS trust coefficient.
+    lars_eta: float = 0.02
+
+
+@dataclass
+class EvalConfig:
+    # Run the kNN monitor every this many epochs (0 = only at the end).
+    knn_every: int = 10
+    knn_k: int = 200
+    knn_temperature: float = 0.1
+    knn_backend: str = "auto"
+    # Memory budget for one chunk of the kNN similarity matrix.
+    knn_memory_mb: int = 1024
+
+
+@dataclass
+class Config:
+    method: str = "simclr"
+    seed: int = 0
+    # "auto" = cuda when available, else cpu.
+    device: str = "auto"
+    # "auto" = bf16 autocast on CUDA, fp32 on CPU.
+    precision: str = "auto"
+    # Runs go to out_dir/name; an existing run directory is never overwritten.
+    out_dir: str = "runs"
+    name: str = "run"
+    log_every: int = 50
+    # Keep a numbered checkpoint every this many epochs (0 = only last.pt).
+    ckpt_every: int = 50
+    data: DataConfig = field(default_factory=DataConfig)
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    moco: MocoConfig = field(default_factory=MocoConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+
+# ----------------------------------------------------------------------------- checks
+def _check_ranges(cfg: Config) -> None:
+    def need(ok: bool, key: str, value: Any, rule: str) -> None:
+        if not ok:
+            raise ConfigError(f"{key}={value!r} is out of range: it must be {rule}")
+
+    def choice(key: str, value: Any, options: tuple) -> None:
+        need(value in options, key, value, "one of " + ", ".join(map(str, options)))
+
+    def pair(key: str, value: list[float], lo: float, hi: float) -> None:
+        need(len(value) == 2 and lo <= value[0] <= value[1] <= hi, key, value,
+             f"[low, high] with {lo} <= low <= high <= {hi}")
+
+    choice("method", cfg.method, METHODS)
+    choice("device", cfg.device.split(":")[0], ("auto", "cpu", "cuda"))
+    choice("precision", cfg.precision, ("auto", "fp32", "bf16"))
+    need(cfg.log_every >= 1, "log_every", cfg.log_every, ">= 1")
+    need(cfg.ckpt_every >= 0, "ckpt_every", cfg.ckpt_every, ">= 0")
+    need(bool(cfg.name) and "/" not in cfg.name, "name", cfg.name, "a non-empty name without '/'")
+    d = cfg.data
+    choice("data.dataset", d.dataset, DATASETS)
+    need(d.train_subset >= 0, "data.train_subset", d.train_subset, ">= 0")
+    need(d.test_subset >= 0, "data.test_subset", d.test_subset, ">= 0")
+    need(d.image_size >= 8, "data.image_size", d.image_size, ">= 8")
+    a = cfg.augment
+    need(a.size >= 8, "augment.size", a.size, ">= 8")
+    for key in ("hflip_p", "jitter_p", "gray_p", "blur_p", "solarize_p"):
+        v = getattr(a, key)
+        need(0.0 <= v <= 1.0, f"augment.{key}", v, "a probability in [0, 1]")
+    for key in ("brightness", "contrast", "saturation"):
+        need(getattr(a, key) >= 0, f"augment.{key}", getattr(a, key), ">= 0")
+    need(0.0 <= a.hue <= 0.5, "augment.hue", a.hue, "in [0, 0.5]")
+    pair("augment.crop_scale", a.crop_scale, 1e-6, 1.0)
+    pair("augment.crop_ratio", a.crop_ratio, 1e-6, 1e6)
+    pair("augment.blur_sigma", a.blur_sigma, 1e-6, 1e6)
+    m = cfg.model
+    choice("model.arch", m.arch, ARCHS)
+    need(m.proj_hidden_dim >= 1, "model.proj_hidden_dim", m.proj_hidden_dim, ">= 1")
+    need(m.proj_output_dim >= 1, "model.proj_output_dim", m.proj_output_dim, ">= 1")
+    mo = cfg.moco
+    need(mo.queue_size >= 1, "moco.queue_size", mo.queue_size, ">= 1")
+    need(0.0 <= mo.momentum <= 1.0, "moco.momentum", mo.momentum, "in [0, 1]")
+    choice("moco.momentum_schedule", mo.momentum_schedule, ("constant", "cosine"))
+    choice("moco.bn_remedy", mo.bn_remedy, ("split", "none"))
+    need(mo.bn_splits >= 1, "moco.bn_splits", mo.bn_splits, ">= 1")
+    lo = cfg.loss
+    need(lo.temperature > 0, "loss.temperature", lo.temperature, "> 0")
+    need(lo.w_infonce >= 0, "loss.w_infonce", lo.w_infonce, ">= 0")
+    need(lo.w_circle >= 0, "loss.w_circle", lo.w_circle, ">= 0")
+    need(lo.sec_eta >= 0, "loss.sec_eta", lo.sec_eta, ">= 0")
+    need(lo.w_infonce + lo.w_circle > 0, "loss.w_infonce", lo.w_infonce,
+         "> 0 unless loss.w_circle > 0 (a contrastive term is needed)")
+    choice("loss.sec_ramp", lo.sec_ramp, ("constant", "linear"))
+    choice("loss.sec_mu", lo.sec_mu, ("batch", "ema"))
+    need(0.0 < lo.sec_momentum <= 1.0, "loss.sec_momentum", lo.sec_momentum, "in (0, 1]")
+    choice("loss.sec_on", lo.sec_on, ("projector", "backbone"))
+    need(0.0 <= lo.circle_margin <= 1.0, "loss.circle_margin", lo.circle_margin, "in [0, 1]")
+    need(lo.circle_gamma > 0, "loss.circle_gamma", lo.circle_gamma, "> 0")
+    o = cfg.optim
+    choice("optim.name", o.name, ("sgd", "lars"))
+    need(o.lr > 0, "optim.lr", o.lr, "> 0")
+    need(0.0 <= o.momentum < 1.0, "optim.momentum", o.momentum, "in [0, 1)")
+    need(o.weight_decay >= 0, "optim.weight_decay", o.weight_decay, ">= 0")
+    need(o.batch_size >= 2, "optim.batch_size", o.batch_size, ">= 2 (contrastive pairs need negatives)")
+    need(o.epochs >= 1, "optim.epochs", o.epochs, ">= 1")
+    need(0 <= o.warmup_epochs <= o.epochs, "optim.warmup_epochs", o.warmup_epochs,
+         "in [0, optim.epochs]")
+    need(0.0 <= o.min_lr_ratio <= 1.0, "optim.min_lr_ratio", o.min_lr_ratio, "in [0, 1]")
+    need(o.grad_clip >= 0, "optim.grad_clip", o.grad_clip, ">= 0")
+    need(o.lars_eta > 0, "optim.lars_eta", o.lars_eta, "> 0")
+    e = cfg.eval
+    need(e.knn_every >= 0, "eval.knn_every", e.knn_every, ">= 0")
+    need(e.knn_k >= 1, "eval.knn_k", e.knn_k, ">= 1")
+    need(e.knn_temperature > 0, "eval.knn_temperature", e.knn_temperature, "> 0")
+    choice("eval.knn_backend", e.knn_backend, ("auto", "faiss", "torch"))
+    need(e.knn_memory_mb >= 1, "eval.knn_memory_mb", e.knn_memory_mb, ">= 1")
+
+
+# ----------------------------------------------------------------------------- building
+def _type_ok(value: Any, hint: Any) -> Any:
+    """Return `value` coerced to `hint` (int -> float only), or raise TypeError."""
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(hint)
+        if value is None and type(None) in args:
+            return None
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _type_ok(value, arg)
+            except TypeError:
+                pass
+        raise TypeError
+    if origin is list:
+        if not isinstance(value, list):
+            raise TypeError
+        (item,) = typing.get_args(hint)
+        return [_type_ok(v, item) for v in value]
+    if hint is float:
+        # bool is an int subclass in Python; `lr: true` is a mistake, not 1.0.
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        raise TypeError
+    if hint is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise TypeError
+    if hint in (str, bool):
+        if isinstance(value, hint):
+            return value
+        raise TypeError
+    raise TypeError
+
+
+def _type_name(hint: Any) -> str:
+    return str(hint).replace("typing.", "").replace("<class '", "").replace("'>", "")
+
+
+def _build(cls: type, values: dict, prefix: str) -> Any:
+    if not isinstance(values, dict):
+        raise ConfigError(f"{prefix.rstrip('.') or 'recipe'} must be a mapping, got {values!r}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for key, value in values.items():
+        if key not in fields:
+            close = [k for k in fields if k.startswith(str(key)[:3])]
+            hint = f" (did you mean {', '.join(close)}?)" if close else ""
+            raise ConfigError(f"unknown key '{prefix}{key}'{hint}; valid keys: {', '.join(fields)}")
+        hint = hints[key]
+        if dataclasses.is_dataclass(hint):
+            kwargs[key] = _build(hint, value, f"{prefix}{key}.")
+            continue
+        try:
+            kwargs[key] = _type_ok(value, hint)
+        except TypeError:
+            raise ConfigError(
+                f"'{prefix}{key}' must be {_type_name(hint)}, got {value!r}") from None
+    return cls(**kwargs)
+
+
+def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
+    parts = dotted.split(".")
+    node = tree
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"override '{dotted}': '{part}' is not a section")
+    node[parts[-1]] = value
+
+
+def parse_overrides(overrides: list[str]) -> dict:
+    """`["optim.lr=0.3", "loss.sec_eta=0.1"]` -> nested dict; values parsed as YAML scalars."""
+    tree: dict = {}
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"override '{item}' is not of the form key=value (e.g. optim.lr=0.3)")
+        try:
+            value = yaml.safe_load(raw) if raw != "" else None
+        except yaml.YAMLError:
+            value = raw
+        _set_dotted(tree, key.strip(), value)
+    return tree
+
+
+def _merge(base: dict, extra: dict) -> dict:
+    out = dict(base)
+    for key, value in extra.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def from_dict(values: dict, overrides: list[str] | None = None) -> Config:
+    """Build and validate a Config from a nested dict plus dotted overrides."""
+    merged = _merge(values or {}, parse_overrides(overrides or []))
+    cfg = _build(Config, merged, "")
+    _check_ranges(cfg)
+    return cfg
+
+
+def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Config:
+    """Read a recipe YAML (safe_load) and apply `key=value` overrides."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"recipe '{path}' not found; pass a YAML file such as recipes/quickstart.yaml")
+    try:
+        values = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        line = getattr(getattr(err, "problem_mark", None), "line", None)
+        where = f" at line {line + 1}" if line is not None else ""
+        raise ConfigError(f"recipe '{path}' is not valid YAML{where}; fix the syntax") from None
+    if not isinstance(values, dict):
+        raise ConfigError(f"recipe '{path}' must be a YAML mapping of sections")
+    return from_dict(values, overrides)
+
+
+def to_dict(cfg: Config) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def to_yaml(cfg: Config) -> str:
+    return yaml.safe_dump(to_dict(cfg), sort_keys=True)

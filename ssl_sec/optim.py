@@ -1,0 +1,88 @@
+"""Optimizers (SGD, LARS) with no weight decay on biases and norm parameters, and the
+warmup + cosine learning-rate schedule as a pure function of the global step."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from .config import OptimConfig
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    """Biases and BatchNorm/LayerNorm parameters (all 1-D tensors) get no weight decay and
+    are excluded from LARS adaptation, as in SimCLR, BYOL and solo-learn."""
+    decay, no_decay = [], []
+    for p in model.parameters():
+        if p.requires_grad:
+            (no_decay if p.ndim <= 1 else decay).append(p)
+    return [
+        {"params": decay, "weight_decay": weight_decay, "lars_exclude": False},
+        {"params": no_decay, "weight_decay": 0.0, "lars_exclude": True},
+    ]
+
+
+class LARS(torch.optim.Optimizer):
+    """SGD with momentum and layer-wise adaptive rate scaling (You et al. 2017).
+
+    For each parameter tensor not excluded: local_lr = eta * ||w|| / (||g|| + wd ||w||),
+    the update uses lr * local_lr * (g + wd w). Excluded tensors (biases, norms) take a
+    plain SGD step, as in the SimCLR reference implementation.
+    """
+
+    def __init__(self, params, lr: float, momentum: float = 0.9, weight_decay: float = 0.0,
+                 eta: float = 0.02):
+        defaults = dict(lr=lr, momentum=momentum, weight_decay=weight_decay, eta=eta,
+                        lars_exclude=False)
+        super().__init__(params, defaults)
+
+    @torch.no_grad()
+    def step(self, closure=None):  # noqa: D102
+        for group in self.param_groups:
+            wd, mom, eta = group["weight_decay"], group["momentum"], group["eta"]
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                g = p.grad.add(p, alpha=wd) if wd != 0 else p.grad
+                if not group["lars_exclude"]:
+                    w_norm = torch.linalg.vector_norm(p)
+                    g_norm = torch.linalg.vector_norm(p.grad)
+                    # Where either norm is 0 (fresh zero-init layers) fall back to ratio 1;
+                    # torch.where keeps this on the device (no host sync per tensor).
+                    trust = torch.where((w_norm > 0) & (g_norm > 0),
+                                        eta * w_norm / (g_norm + wd * w_norm),
+                                        torch.ones_like(w_norm))
+                    g = g.mul(trust)
+                state = self.state[p]
+                if "momentum_buffer" not in state:
+                    state["momentum_buffer"] = torch.clone(g).detach()
+                else:
+                    state["momentum_buffer"].mul_(mom).add_(g)
+                p.add_(state["momentum_buffer"], alpha=-group["lr"])
+
+
+def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer:
+    groups = param_groups(model, cfg.weight_decay)
+    if cfg.name == "lars":
+        return LARS(groups, lr=cfg.lr, momentum=cfg.momentum, eta=cfg.lars_eta)
+    for g in groups:
+        g.pop("lars_exclude")
+    return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum)
+
+
+def lr_at(step: int, total_steps: int, warmup_steps: int, base_lr: float,
+          min_lr_ratio: float = 0.0) -> float:
+    """Linear warmup from 0 to base_lr, then cosine decay to min_lr_ratio * base_lr."""
+    if step < warmup_steps:
+        return base_lr * (step + 1) / warmup_steps
+    span = max(total_steps - warmup_steps, 1)
+    progress = min((step - warmup_steps) / span, 1.0)
+    floor = base_lr * min_lr_ratio
+    return floor + (base_lr - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    for group in optimizer.param_groups:
+        group["lr"] = lr

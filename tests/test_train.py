@@ -1,0 +1,142 @@
+"""Short real training runs on a CIFAR-10 subset: artefacts, resume equivalence, CLI errors."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from ssl_sec.checkpoint import load_checkpoint
+from ssl_sec.config import from_dict, load_recipe
+from ssl_sec.engine import train
+from ssl_sec.errors import CheckpointError, ConfigError, UserError
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# ResNet-18 with the ImageNet stem at 32x32 keeps these runs to seconds on two cores.
+SMALL = ["data.train_subset=512", "data.test_subset=200", "model.cifar_stem=false",
+         "model.proj_hidden_dim=128", "model.proj_output_dim=32", "optim.batch_size=128",
+         "optim.name=sgd", "optim.lr=0.1", "optim.warmup_epochs=0.5", "eval.knn_every=1",
+         "eval.knn_k=20", "log_every=2", "ckpt_every=1"]
+
+
+def small_cfg(tmp_path, *extra):
+    return from_dict({}, SMALL + [f"out_dir={tmp_path}", "optim.epochs=2", *extra])
+
+
+def test_short_real_run_writes_events_metrics_checkpoint(tmp_path, data_root):
+    result = train(small_cfg(tmp_path, "loss.sec_eta=0.05", "loss.sec_mu=ema"), progress_bar=False)
+    run = tmp_path / "run"
+    assert (run / "last.pt").is_file() and (run / "epoch0002.pt").is_file()
+    assert list((run / "tb").glob("events.out.tfevents.*"))
+    saved = yaml.safe_load((run / "config.yaml").read_text())
+    assert saved["loss"]["sec_eta"] == 0.05
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    train_rows = [r for r in rows if r["kind"] == "train"]
+    assert len(train_rows) >= 4
+    for key in ("loss/infonce", "loss/sec", "loss/total", "lr", "diag/norm_mean", "diag/norm_cv",
+                "diag/pos_sim", "diag/neg_sim", "diag/contrastive_top1", "diag/z_dim_std",
+                "perf/images_per_s"):
+        assert key in train_rows[-1], key
+        assert all(torch.isfinite(torch.tensor(r[key])) for r in train_rows)
+    knn_rows = [r for r in rows if r["kind"] == "knn"]
+    assert len(knn_rows) == 2 and 0 <= knn_rows[-1]["knn/top1"] <= 100
+    assert result["top1"] == knn_rows[-1]["knn/top1"] and result["epoch"] == 2
+    ckpt = load_checkpoint(run / "last.pt")
+    assert ckpt["epoch"] == 2 and ckpt["step"] == 8
+    # SEC's running mu is state: it is in the checkpoint.
+    assert torch.isfinite(ckpt["model"]["objective.sec_mu"])
+    # TensorBoard holds the logged tags, a norm histogram and the augmentation previews.
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(run / "tb"), size_guidance={"images": 0, "histograms": 0})
+    acc.Reload()
+    tags = acc.Tags()
+    assert {"knn/top1", "knn/top5", "loss/sec", "lr"} <= set(tags["scalars"])
+    assert "norm/hist" in tags["histograms"]
+    assert {"augment/view1", "augment/view2"} <= set(tags["images"])
+
+
+def test_resume_equals_uninterrupted_run(tmp_path, data_root):
+    cfg_a = small_cfg(tmp_path, "name=a", "loss.sec_eta=0.05", "loss.sec_mu=ema", "eval.knn_every=0")
+    train(cfg_a, progress_bar=False)
+    cfg_b = small_cfg(tmp_path, "name=b", "loss.sec_eta=0.05", "loss.sec_mu=ema", "eval.knn_every=0")
+    train(cfg_b, progress_bar=False, max_epochs=1)
+    assert load_checkpoint(tmp_path / "b" / "last.pt")["epoch"] == 1
+    train(cfg_b, resume=True, progress_bar=False)
+    a = load_checkpoint(tmp_path / "a" / "last.pt")
+    b = load_checkpoint(tmp_path / "b" / "last.pt")
+    assert a["step"] == b["step"] == 8
+    for key, value in a["model"].items():
+        torch.testing.assert_close(b["model"][key], value, rtol=0, atol=1e-6, msg=key)
+    for sa, sb in zip(a["optimizer"]["state"].values(), b["optimizer"]["state"].values(), strict=True):
+        torch.testing.assert_close(sb["momentum_buffer"], sa["momentum_buffer"], rtol=0, atol=1e-6)
+
+
+def test_run_directory_is_never_overwritten_and_resume_checks(tmp_path, data_root):
+    cfg = small_cfg(tmp_path, "optim.epochs=1", "eval.knn_every=0")
+    train(cfg, progress_bar=False)
+    before = (tmp_path / "run" / "last.pt").read_bytes()
+    with pytest.raises(UserError, match="already exists"):
+        train(cfg, progress_bar=False)
+    assert (tmp_path / "run" / "last.pt").read_bytes() == before
+    with pytest.raises(ConfigError, match="optim.lr"):
+        train(small_cfg(tmp_path, "optim.epochs=1", "optim.lr=0.2"), resume=True)
+    with pytest.raises(CheckpointError, match="no checkpoint"):
+        train(small_cfg(tmp_path, "name=nothing"), resume=True)
+
+
+def test_batch_larger_than_dataset(tmp_path, data_root):
+    with pytest.raises(ConfigError, match="optim.batch_size"):
+        train(small_cfg(tmp_path, "data.train_subset=100"), progress_bar=False)
+
+
+def _cli(*args, cwd):
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    return subprocess.run([sys.executable, "-m", "ssl_sec", *args], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=300)
+
+
+@pytest.mark.parametrize("args,fragment", [
+    (["pretrain", "recipes/quickstart.yaml", "optim.lrr=1"], "unknown key 'optim.lrr'"),
+    (["pretrain", "recipes/nope.yaml"], "recipe 'recipes/nope.yaml' not found"),
+    (["pretrain", "recipes/quickstart.yaml", "loss.temperature=0"], "loss.temperature"),
+    (["pretrain", "recipes/quickstart.yaml", "data.root=/nonexistent/x", "data.download=false"],
+     "/nonexistent/x"),
+    (["knn", "--checkpoint", "missing.pt"], "checkpoint 'missing.pt' not found"),
+])
+def test_cli_user_errors_one_line_exit_2(args, fragment, tmp_path):
+    # Run from the repo so relative recipe paths work, writing runs into tmp_path.
+    proc = _cli(*args, f"out_dir={tmp_path}", cwd=ROOT) if args[0] == "pretrain" else _cli(*args, cwd=ROOT)
+    assert proc.returncode == 2, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr
+    assert fragment in lines[0]
+
+
+def test_cli_rejects_corrupt_checkpoint(tmp_path):
+    bad = tmp_path / "bad.pt"
+    bad.write_bytes(b"not a checkpoint")
+    proc = _cli("knn", "--checkpoint", str(bad), cwd=ROOT)
+    assert proc.returncode == 2 and "cannot be read" in proc.stderr
+    assert bad.read_bytes() == b"not a checkpoint"
+
+
+def test_knn_command_on_trained_checkpoint(tmp_path, data_root):
+    train(small_cfg(tmp_path, "optim.epochs=1", "eval.knn_every=0"), progress_bar=False)
+    ckpt = tmp_path / "run" / "last.pt"
+    proc = _cli("knn", "--checkpoint", str(ckpt), "eval.knn_k=10", cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert result["k"] == 10 and result["n_train"] == 512 and result["n_test"] == 200
+    assert 0 <= result["top1"] <= result["top5"] <= 100
+    assert json.loads((tmp_path / "run" / "last.knn.json").read_text())["top1"] == result["top1"]
+
+
+def test_quickstart_recipe_is_valid():
+    cfg = load_recipe(ROOT / "recipes" / "quickstart.yaml")
+    assert cfg.data.dataset == "cifar10" and cfg.data.train_subset == 0
