@@ -19,7 +19,7 @@ import yaml
 from .errors import ConfigError
 
 DATASETS = ("cifar10", "cifar100", "imagefolder")
-METHODS = ("simclr",)
+METHODS = ("simclr", "moco")
 ARCHS = ("resnet18", "resnet34", "resnet50")
 
 
@@ -153,6 +153,77 @@ class Config:
     eval: EvalConfig = field(default_factory=EvalConfig)
 
 
+# ----------------------------------------------------------------------------- linear probe
+@dataclass
+class LinearDataConfig:
+    """What the probe trains and tests on. Every None inherits the checkpoint's pretraining
+    data setting; a different `dataset` drops the checkpoint's `classes` (ids of another set)."""
+
+    dataset: str | None = None
+    root: str | None = None
+    download: bool | None = None
+    # A list of class ids, "all" (every class), or None (the checkpoint's own choice).
+    classes: list[int] | str | None = None
+    train_subset: int | None = None
+    test_subset: int | None = None
+    image_size: int | None = None
+    classes_file: str | None = None
+
+
+@dataclass
+class LinearModelConfig:
+    """The backbone the probe expects; None = whatever the checkpoint holds. A value that
+    differs from the checkpoint is refused (CheckpointError), never silently rebuilt."""
+
+    arch: str | None = None
+    cifar_stem: bool | None = None
+
+
+@dataclass
+class LinearOptimConfig:
+    """google-research/simclr CIFAR protocol: SGD Nesterov 0.1, momentum 0.9, no weight decay,
+    batch 512, 100 epochs, cosine. ImageNet-100 (solo-learn): batch 256, schedule=step
+    (milestones 60/80); the MoCo CIFAR demo uses lr 30 (its features are not normalised)."""
+
+    lr: float = 0.1
+    momentum: float = 0.9
+    nesterov: bool = True
+    weight_decay: float = 0.0
+    batch_size: int = 512
+    epochs: int = 100
+    # "cosine" (per step, to 0) or "step" (x gamma at each milestone epoch).
+    schedule: str = "cosine"
+    milestones: list[int] = field(default_factory=lambda: [60, 80])
+    gamma: float = 0.1
+
+
+@dataclass
+class LinearAugmentConfig:
+    """Train-time augmentation of the probe (test images get the plain eval view)."""
+
+    # "pad": random crop of the zero-padded image (CIFAR); "resized": RandomResizedCrop (ImageNet).
+    crop: str = "pad"
+    padding: int = 4
+    crop_scale: list[float] = field(default_factory=lambda: [0.08, 1.0])
+    hflip_p: float = 0.5
+
+
+@dataclass
+class LinearConfig:
+    """Linear probe recipe (`recipes/linear/*.yaml`), validated like the pretraining recipe."""
+
+    # "full": the standard protocol, augmented images through the frozen backbone every step;
+    # "features": fast mode on cached un-augmented features (labelled so in the result).
+    mode: str = "full"
+    seed: int = 0
+    device: str = "auto"
+    precision: str = "auto"
+    data: LinearDataConfig = field(default_factory=LinearDataConfig)
+    model: LinearModelConfig = field(default_factory=LinearModelConfig)
+    optim: LinearOptimConfig = field(default_factory=LinearOptimConfig)
+    augment: LinearAugmentConfig = field(default_factory=LinearAugmentConfig)
+
+
 # ----------------------------------------------------------------------------- checks
 def _check_ranges(cfg: Config) -> None:
     def need(ok: bool, key: str, value: Any, rule: str) -> None:
@@ -198,6 +269,9 @@ def _check_ranges(cfg: Config) -> None:
     choice("moco.momentum_schedule", mo.momentum_schedule, ("constant", "cosine"))
     choice("moco.bn_remedy", mo.bn_remedy, ("split", "none"))
     need(mo.bn_splits >= 1, "moco.bn_splits", mo.bn_splits, ">= 1")
+    if cfg.method == "moco" and mo.bn_remedy == "split":
+        need(cfg.optim.batch_size % mo.bn_splits == 0, "moco.bn_splits", mo.bn_splits,
+             f"a divisor of optim.batch_size={cfg.optim.batch_size} (split-BN groups)")
     lo = cfg.loss
     need(lo.temperature > 0, "loss.temperature", lo.temperature, "> 0")
     need(lo.w_infonce >= 0, "loss.w_infonce", lo.w_infonce, ">= 0")
@@ -340,9 +414,12 @@ def from_dict(values: dict, overrides: list[str] | None = None) -> Config:
 
 def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Config:
     """Read a recipe YAML (safe_load) and apply `key=value` overrides."""
-    path = Path(path)
+    return from_dict(_read_yaml(Path(path), "recipes/quickstart.yaml"), overrides)
+
+
+def _read_yaml(path: Path, example: str) -> dict:
     if not path.is_file():
-        raise ConfigError(f"recipe '{path}' not found; pass a YAML file such as recipes/quickstart.yaml")
+        raise ConfigError(f"recipe '{path}' not found; pass a YAML file such as {example}")
     try:
         values = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as err:
@@ -351,10 +428,73 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Config:
         raise ConfigError(f"recipe '{path}' is not valid YAML{where}; fix the syntax") from None
     if not isinstance(values, dict):
         raise ConfigError(f"recipe '{path}' must be a YAML mapping of sections")
-    return from_dict(values, overrides)
+    return values
 
 
-def to_dict(cfg: Config) -> dict:
+# ----------------------------------------------------------------------------- linear recipes
+def _need(ok: bool, key: str, value: Any, rule: str) -> None:
+    if not ok:
+        raise ConfigError(f"{key}={value!r} is out of range: it must be {rule}")
+
+
+def _check_linear_ranges(cfg: LinearConfig) -> None:
+    need = _need
+
+    def choice(key: str, value: Any, options: tuple) -> None:
+        need(value in options, key, value, "one of " + ", ".join(map(str, options)))
+
+    choice("mode", cfg.mode, ("full", "features"))
+    choice("device", cfg.device.split(":")[0], ("auto", "cpu", "cuda"))
+    choice("precision", cfg.precision, ("auto", "fp32", "bf16"))
+    d = cfg.data
+    if d.dataset is not None:
+        choice("data.dataset", d.dataset, DATASETS)
+    if isinstance(d.classes, str):
+        need(d.classes == "all", "data.classes", d.classes, "a list of class ids, 'all' or null")
+    elif d.classes is not None:
+        need(len(d.classes) > 0, "data.classes", d.classes, "a non-empty list of class ids")
+    for key in ("train_subset", "test_subset"):
+        v = getattr(d, key)
+        need(v is None or v >= 0, f"data.{key}", v, ">= 0")
+    need(d.image_size is None or d.image_size >= 8, "data.image_size", d.image_size, ">= 8")
+    if cfg.model.arch is not None:
+        choice("model.arch", cfg.model.arch, ARCHS)
+    o = cfg.optim
+    need(o.lr > 0, "optim.lr", o.lr, "> 0")
+    need(0.0 <= o.momentum < 1.0, "optim.momentum", o.momentum, "in [0, 1)")
+    need(not o.nesterov or o.momentum > 0, "optim.nesterov", o.nesterov,
+         "false when optim.momentum is 0 (Nesterov needs momentum)")
+    need(o.weight_decay >= 0, "optim.weight_decay", o.weight_decay, ">= 0")
+    need(o.batch_size >= 1, "optim.batch_size", o.batch_size, ">= 1")
+    need(o.epochs >= 1, "optim.epochs", o.epochs, ">= 1")
+    choice("optim.schedule", o.schedule, ("cosine", "step"))
+    need(list(o.milestones) == sorted(o.milestones) and all(m >= 1 for m in o.milestones),
+         "optim.milestones", o.milestones, "increasing epochs >= 1")
+    need(0.0 < o.gamma <= 1.0, "optim.gamma", o.gamma, "in (0, 1]")
+    a = cfg.augment
+    choice("augment.crop", a.crop, ("pad", "resized"))
+    need(a.padding >= 0, "augment.padding", a.padding, ">= 0")
+    need(len(a.crop_scale) == 2 and 0.0 < a.crop_scale[0] <= a.crop_scale[1] <= 1.0,
+         "augment.crop_scale", a.crop_scale, "[low, high] with 0 < low <= high <= 1")
+    need(0.0 <= a.hflip_p <= 1.0, "augment.hflip_p", a.hflip_p, "a probability in [0, 1]")
+
+
+def linear_from_dict(values: dict, overrides: list[str] | None = None) -> LinearConfig:
+    """Build and validate a LinearConfig from a nested dict plus dotted overrides."""
+    merged = _merge(values or {}, parse_overrides(overrides or []))
+    cfg = _build(LinearConfig, merged, "")
+    _check_linear_ranges(cfg)
+    return cfg
+
+
+def load_linear_recipe(path: str | Path | None, overrides: list[str] | None = None) -> LinearConfig:
+    """Read a linear-probe recipe (None: the schema defaults, i.e. the CIFAR protocol)."""
+    if path is None:
+        return linear_from_dict({}, overrides)
+    return linear_from_dict(_read_yaml(Path(path), "recipes/linear/cifar.yaml"), overrides)
+
+
+def to_dict(cfg: Config | LinearConfig) -> dict:
     return dataclasses.asdict(cfg)
 
 

@@ -2,6 +2,12 @@
 
 Notation (METHODS.md): z1, z2 are the un-normalised projector outputs of the two views,
 Shape (N, d); u = z / ||z||; T the temperature.
+
+Every contrastive term is a cross-entropy over one row of candidates per anchor. Both
+methods describe their candidates with one `Similarities` record: SimCLR's (2N, 2N) matrix
+of all views (self masked out, positive at i +- N), MoCo's (N, 1+K) matrix [q.k, q.queue]
+(positive in column 0). InfoNCE and the Circle term are then derived from the same matrix,
+so the similarities are computed once per step.
 """
 
 from __future__ import annotations
@@ -16,28 +22,81 @@ from torch import nn
 from .config import LossConfig
 
 
-def _similarities(z1: torch.Tensor, z2: torch.Tensor) -> torch.Tensor:
-    """Cosine similarities of all 2N normalised vectors, diagonal excluded later. (2N, 2N)."""
-    u = F.normalize(torch.cat([z1, z2]).float(), dim=1)
-    return u @ u.T
+@dataclass
+class Similarities:
+    """Cosine similarities of anchors to candidates.
 
-
-def _positive_index(n: int, device: torch.device) -> torch.Tensor:
-    """Row i of the (2N, 2N) matrix has its positive at i+N (first half) or i-N (second)."""
-    idx = torch.arange(2 * n, device=device)
-    return (idx + n) % (2 * n)
-
-
-def info_nce_from_sim(sim: torch.Tensor, temperature: float) -> torch.Tensor:
-    """NT-Xent from a (2N, 2N) cosine similarity matrix of [u1; u2]. Scalar.
-
-    Cross-entropy over each row with the self-similarity masked to -inf (never
-    log(pos / (pos + neg)) on raw exponentials: that overflows and loses precision).
+    sim: (R, C) float32 cosine similarities.
+    pos: (R,) int64 column of each anchor's positive.
+    valid: (R, C) bool, False where a column is not a pair of that anchor (its own view),
+        or None when every column is valid.
     """
-    n2 = sim.shape[0]
-    logits = sim / temperature
-    logits = logits.masked_fill(torch.eye(n2, dtype=torch.bool, device=sim.device), float("-inf"))
-    return F.cross_entropy(logits, _positive_index(n2 // 2, sim.device))
+
+    sim: torch.Tensor
+    pos: torch.Tensor
+    valid: torch.Tensor | None = None
+
+    def masked(self, logits: torch.Tensor) -> torch.Tensor:
+        # Non-pairs get -inf (exp -> 0), never 0 (exp -> 1, a phantom negative).
+        return logits if self.valid is None else logits.masked_fill(~self.valid, float("-inf"))
+
+    def pos_mask(self) -> torch.Tensor:
+        return F.one_hot(self.pos, self.sim.shape[1]).bool()
+
+
+def pairwise_similarities(z1: torch.Tensor, z2: torch.Tensor) -> Similarities:
+    """SimCLR candidates: all 2N views. Shapes: z1, z2 (N, d) -> sim (2N, 2N)."""
+    u = F.normalize(torch.cat([z1, z2]).float(), dim=1)
+    n2 = u.shape[0]
+    idx = torch.arange(n2, device=u.device)
+    return Similarities(u @ u.T, (idx + n2 // 2) % n2, idx[:, None] != idx[None, :])
+
+
+def queue_similarities(q: torch.Tensor, k: torch.Tensor, queue: torch.Tensor) -> Similarities:
+    """MoCo candidates: the key of the same image, then the queue of past keys.
+
+    Shapes: q (N, d) un-normalised queries; k (N, d) keys; queue (K, d) normalised keys
+    (K may be 0) -> sim (N, 1+K) with the positive in column 0.
+    """
+    u = F.normalize(q.float(), dim=1)
+    key = F.normalize(k.float(), dim=1)
+    sim = torch.cat([(u * key).sum(1, keepdim=True), u @ queue.float().T], dim=1)
+    return Similarities(sim, torch.zeros(u.shape[0], dtype=torch.long, device=u.device))
+
+
+def info_nce_from(s: Similarities, temperature: float) -> torch.Tensor:
+    """Cross-entropy of each anchor's positive among its valid candidates. Scalar.
+
+    Written as cross_entropy over masked logits, never log(pos / (pos + neg)) on raw
+    exponentials (overflow, lost precision).
+    """
+    return F.cross_entropy(s.masked(s.sim / temperature), s.pos)
+
+
+def circle_logits(s: Similarities, margin: float, gamma: float,
+                  alpha: torch.Tensor | None = None, deltas: tuple[float, float] | None = None
+                  ) -> torch.Tensor:
+    """Circle-loss logits (Sun et al. 2020), one row per anchor. Shape (R, C).
+
+    positive column: gamma * alpha_p * (s_p - Delta_p), alpha_p = relu(1 + m - s_p)
+    negative columns: gamma * alpha_n * (s_n - Delta_n), alpha_n = relu(s_n + m)
+    with Delta_p = 1 - m, Delta_n = m. alpha is detached: it re-weights pairs but is a
+    constant for autograd, as in every reference implementation. `alpha` (R, C) and
+    `deltas` (Delta_p, Delta_n) may be passed explicitly (tests, the InfoNCE reduction).
+    """
+    pos = s.pos_mask()
+    sim = s.sim.float()
+    if alpha is None:
+        alpha = torch.where(pos, 1.0 + margin - sim, sim + margin).clamp_min(0.0).detach()
+    delta_p, delta_n = (1.0 - margin, margin) if deltas is None else deltas
+    shift = torch.where(pos, sim - delta_p, sim - delta_n)
+    return s.masked(gamma * alpha * shift)
+
+
+def circle_from(s: Similarities, margin: float, gamma: float) -> torch.Tensor:
+    """Circle term with one positive per anchor: softplus(lse_n + lse_p) equals the
+    cross-entropy of the positive's logit among all logits of the row. Scalar."""
+    return F.cross_entropy(circle_logits(s, margin, gamma), s.pos)
 
 
 def info_nce(z1: torch.Tensor, z2: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -51,7 +110,46 @@ def info_nce(z1: torch.Tensor, z2: torch.Tensor, temperature: float) -> torch.Te
     """
     if temperature <= 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
-    return info_nce_from_sim(_similarities(z1, z2), temperature)
+    return info_nce_from(pairwise_similarities(z1, z2), temperature)
+
+
+def circle_contrastive(z1: torch.Tensor, z2: torch.Tensor, margin: float, gamma: float
+                       ) -> torch.Tensor:
+    """Circle-style term with in-batch negatives (SimCLR form).
+
+    Args:
+        z1, z2: un-normalised projections of the two views. Shape (N, d).
+        margin: m in [0, 1]; gamma: scale > 0.
+    Returns:
+        Scalar mean over the 2N anchors (one positive, 2N-2 negatives each).
+    """
+    _check_circle(margin, gamma)
+    return circle_from(pairwise_similarities(z1, z2), margin, gamma)
+
+
+def circle_queue(q: torch.Tensor, k: torch.Tensor, queue: torch.Tensor, margin: float,
+                 gamma: float) -> torch.Tensor:
+    """Circle-style term with a queue of negatives (MoCo form).
+
+    Shapes: q (N, d) un-normalised queries, k (N, d) keys, queue (K, d). Scalar.
+    """
+    _check_circle(margin, gamma)
+    return circle_from(queue_similarities(q, k, queue), margin, gamma)
+
+
+def moco_info_nce(q: torch.Tensor, k: torch.Tensor, queue: torch.Tensor,
+                  temperature: float) -> torch.Tensor:
+    """MoCo's InfoNCE: logits [q.k, q.queue] / T, target 0. Shapes as circle_queue."""
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    return info_nce_from(queue_similarities(q, k, queue), temperature)
+
+
+def _check_circle(margin: float, gamma: float) -> None:
+    if not 0.0 <= margin <= 1.0:
+        raise ValueError(f"circle margin must be in [0, 1], got {margin}")
+    if gamma <= 0:
+        raise ValueError(f"circle gamma must be > 0, got {gamma}")
 
 
 def sec_loss(z: torch.Tensor, mu: torch.Tensor | float | None = None) -> torch.Tensor:
@@ -89,10 +187,10 @@ class Terms:
 
 
 class Objective(nn.Module):
-    """L = w_infonce * InfoNCE + eta(t) * SEC, from one similarity matrix per step.
+    """L = w_infonce * InfoNCE + w_circle * Circle + eta(t) * SEC from one similarity matrix.
 
-    The only state is SEC's running mu (EMA variant), a registered buffer so that it is
-    checkpointed with the model and restored exactly on resume.
+    A term with weight 0 is not computed. The only state is SEC's running mu (EMA variant):
+    a registered buffer, so it is checkpointed with the model and restored on resume.
     """
 
     def __init__(self, cfg: LossConfig):
@@ -107,44 +205,47 @@ class Objective(nn.Module):
         if self.training:
             rho = self.cfg.sec_momentum
             # First step: start the running mean at the batch mean, not at 0.
-            new = batch_mu if torch.isnan(self.sec_mu) else (1 - rho) * self.sec_mu + rho * batch_mu
+            new = torch.where(torch.isnan(self.sec_mu), batch_mu,
+                              (1 - rho) * self.sec_mu + rho * batch_mu)
             self.sec_mu.copy_(new)
         return self.sec_mu.clone()
 
-    def forward(self, z1: torch.Tensor, z2: torch.Tensor, sec_input: torch.Tensor,
+    def forward(self, s: Similarities, embeddings: torch.Tensor, sec_input: torch.Tensor,
                 progress: float) -> Terms:
-        """z1, z2: (N, d) projections; sec_input: (M, k) what SEC constrains; progress in [0,1]."""
+        """s: the step's similarities; embeddings: (M, d) un-normalised projections (for
+        diagnostics); sec_input: (M', k) what SEC constrains; progress in [0, 1]."""
         cfg = self.cfg
-        sim = _similarities(z1, z2)
         losses: dict[str, torch.Tensor] = {}
-        total = sim.new_zeros(())
+        total = s.sim.new_zeros(())
         if cfg.w_infonce > 0:
-            losses["infonce"] = info_nce_from_sim(sim, cfg.temperature)
+            losses["infonce"] = info_nce_from(s, cfg.temperature)
             total = total + cfg.w_infonce * losses["infonce"]
+        if cfg.w_circle > 0:
+            losses["circle"] = circle_from(s, cfg.circle_margin, cfg.circle_gamma)
+            total = total + cfg.w_circle * losses["circle"]
         eta = sec_weight(cfg.sec_eta, cfg.sec_ramp, progress)
         norms = sec_input.float().norm(dim=1)
         if cfg.sec_eta > 0:
             losses["sec"] = sec_loss(sec_input, self._sec_mu(norms))
             total = total + eta * losses["sec"]
         losses["total"] = total
-        diagnostics = _diagnostics(sim.detach(), z1, z2, norms.detach())
-        diagnostics["sec_weight"] = sim.new_tensor(eta)
+        diagnostics = _diagnostics(s, embeddings, norms.detach())
+        diagnostics["sec_weight"] = s.sim.new_tensor(eta)
         return Terms(losses, diagnostics, norms.detach())
 
 
 @torch.no_grad()
-def _diagnostics(sim: torch.Tensor, z1: torch.Tensor, z2: torch.Tensor,
-                 norms: torch.Tensor) -> dict[str, torch.Tensor]:
+def _diagnostics(s: Similarities, embeddings: torch.Tensor, norms: torch.Tensor
+                 ) -> dict[str, torch.Tensor]:
     """Collapse and norm detectors, all on-device tensors (no host sync here)."""
-    n2 = sim.shape[0]
-    pos_idx = _positive_index(n2 // 2, sim.device)
-    pos = sim[torch.arange(n2, device=sim.device), pos_idx]
-    eye = torch.eye(n2, dtype=torch.bool, device=sim.device)
-    # Mean over the 2N-2 negatives of each row: all off-diagonal entries minus the positive.
-    neg_mean = ((sim.sum() - sim.diagonal().sum() - pos.sum()) / (n2 * (n2 - 2)))
-    # Contrastive top-1: is the positive the most similar of the other 2N-1 vectors?
-    top1 = (sim.masked_fill(eye, float("-inf")).argmax(dim=1) == pos_idx).float().mean() * 100
-    u = F.normalize(torch.cat([z1, z2]).float(), dim=1)
+    sim = s.sim.detach()
+    pos_mask = s.pos_mask()
+    neg_mask = ~pos_mask if s.valid is None else s.valid & ~pos_mask
+    pos = sim.gather(1, s.pos[:, None])
+    neg_mean = (sim * neg_mask).sum() / neg_mask.sum().clamp_min(1)
+    # Contrastive top-1: is the positive the most similar valid candidate?
+    top1 = (s.masked(sim).argmax(dim=1) == s.pos).float().mean() * 100
+    u = F.normalize(embeddings.detach().float(), dim=1)
     mean, std = norms.mean(), norms.std()
     return {
         "norm_mean": mean,
@@ -153,8 +254,7 @@ def _diagnostics(sim: torch.Tensor, z1: torch.Tensor, z2: torch.Tensor,
         "pos_sim": pos.mean(),
         "neg_sim": neg_mean,
         "contrastive_top1": top1,
-        # 1/sqrt(d) for a healthy spread over the sphere, 0 under complete collapse.
+        # About 1/sqrt(d) for embeddings spread over the sphere, 0 under complete collapse.
         "z_dim_std": u.std(dim=0).mean(),
         "z_dim_std_ideal": u.new_tensor(1.0 / math.sqrt(u.shape[1])),
     }
-

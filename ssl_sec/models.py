@@ -6,7 +6,8 @@ import copy
 
 import torch
 import torchvision
-from lightly.models.modules.heads import SimCLRProjectionHead
+from lightly.models.modules.heads import MoCoProjectionHead, SimCLRProjectionHead
+from torch.nn import functional as F
 from torch import nn
 
 from .config import ModelConfig
@@ -32,18 +33,22 @@ def build_backbone(arch: str, cifar_stem: bool) -> tuple[nn.Module, int]:
     return net, FEATURE_DIMS[arch]
 
 
-def build_projector(in_dim: int, cfg: ModelConfig) -> nn.Module:
-    """SimCLR's 2-layer MLP head (Linear-BN-ReLU-Linear), taken from lightly."""
+def build_projector(in_dim: int, cfg: ModelConfig, head: str = "simclr") -> nn.Module:
+    """2-layer MLP heads from lightly: SimCLR's (Linear-BN-ReLU-Linear) or MoCo v2's
+    (Linear-ReLU-Linear, no BN: BN in the head would leak the positive pair through batch
+    statistics)."""
+    if head == "moco":
+        return MoCoProjectionHead(in_dim, cfg.proj_hidden_dim, cfg.proj_output_dim)
     return SimCLRProjectionHead(in_dim, cfg.proj_hidden_dim, cfg.proj_output_dim, num_layers=2)
 
 
 class Encoder(nn.Module):
     """Backbone + projector; forward returns (h, z): pooled features (B,D), projection (B,d)."""
 
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, head: str = "simclr"):
         super().__init__()
         self.backbone, self.feat_dim = build_backbone(cfg.arch, cfg.cifar_stem)
-        self.projector = build_projector(self.feat_dim, cfg)
+        self.projector = build_projector(self.feat_dim, cfg, head)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         h = self.backbone(x)
@@ -60,10 +65,60 @@ def momentum_copy(module: nn.Module) -> nn.Module:
 
 @torch.no_grad()
 def ema_update(target: nn.Module, online: nn.Module, momentum: float) -> None:
-    """theta_t <- m theta_t + (1 - m) theta_o for parameters; buffers (BN stats) are copied."""
+    """theta_t <- m theta_t + (1 - m) theta_o for every parameter (one fused op per list).
+
+    BatchNorm running statistics are not averaged: the momentum encoder keeps its own, from
+    its own forward passes, as in MoCo's reference code.
+    """
     t_params = list(target.parameters())
     o_params = list(online.parameters())
     torch._foreach_mul_(t_params, momentum)
     torch._foreach_add_(t_params, o_params, alpha=1.0 - momentum)
-    for tb, ob in zip(target.buffers(), online.buffers(), strict=True):
-        tb.copy_(ob)
+
+
+class SplitBatchNorm(nn.BatchNorm2d):
+    """BatchNorm2d that, in training, normalises `num_splits` groups of the batch separately.
+
+    MoCo's single-GPU remedy (its CIFAR demo): with one BN over the whole batch the key
+    encoder's batch statistics leak which key belongs to which query. Sample n falls in
+    group n % num_splits. Evaluation uses the shared running statistics as usual.
+    """
+
+    def __init__(self, num_features: int, num_splits: int, **kwargs):
+        super().__init__(num_features, **kwargs)
+        self.num_splits = num_splits
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training:
+            return super().forward(x)
+        n, c, h, w = x.shape
+        s = self.num_splits
+        if n % s:
+            raise ValueError(f"SplitBatchNorm: batch {n} is not a multiple of {s} splits")
+        mean = self.running_mean.repeat(s)
+        var = self.running_var.repeat(s)
+        out = F.batch_norm(x.reshape(n // s, c * s, h, w), mean, var, self.weight.repeat(s),
+                           self.bias.repeat(s), True, self.momentum or 0.1, self.eps)
+        with torch.no_grad():
+            self.running_mean.copy_(mean.view(s, c).mean(0))
+            self.running_var.copy_(var.view(s, c).mean(0))
+            self.num_batches_tracked.add_(1)
+        return out.reshape(n, c, h, w).contiguous(memory_format=_memory_format(x))
+
+
+def _memory_format(x: torch.Tensor) -> torch.memory_format:
+    return torch.channels_last if x.is_contiguous(memory_format=torch.channels_last) \
+        and not x.is_contiguous() else torch.contiguous_format
+
+
+def convert_split_bn(module: nn.Module, num_splits: int) -> nn.Module:
+    """Replace every BatchNorm2d in `module` (in place) by a SplitBatchNorm with its state."""
+    for name, child in module.named_children():
+        if isinstance(child, nn.BatchNorm2d) and not isinstance(child, SplitBatchNorm):
+            split = SplitBatchNorm(child.num_features, num_splits, eps=child.eps,
+                                   momentum=child.momentum)
+            split.load_state_dict(child.state_dict())
+            setattr(module, name, split)
+        else:
+            convert_split_bn(child, num_splits)
+    return module

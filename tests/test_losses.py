@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from lightly.loss import NTXentLoss
 
 from ssl_sec.config import LossConfig
-from ssl_sec.losses import Objective, info_nce, sec_loss, sec_weight
+from ssl_sec.losses import Objective, info_nce, pairwise_similarities, sec_loss, sec_weight
 
 
 def info_nce_loop(z1: torch.Tensor, z2: torch.Tensor, t: float) -> float:
@@ -107,21 +107,21 @@ def test_objective_combines_terms_and_ema_buffer():
     z1, z2 = torch.randn(8, 16, generator=g), torch.randn(8, 16, generator=g)
     z = torch.cat([z1, z2])
     obj = Objective(LossConfig(temperature=0.5, w_infonce=2.0, sec_eta=0.3, sec_ramp="linear"))
-    terms = obj(z1, z2, z, progress=0.5)
+    terms = obj(pairwise_similarities(z1, z2), z, z, progress=0.5)
     assert terms.losses["infonce"].item() == pytest.approx(info_nce(z1, z2, 0.5).item(), rel=1e-6)
     assert terms.losses["sec"].item() == pytest.approx(sec_loss(z).item(), rel=1e-6)
     expected = 2.0 * terms.losses["infonce"] + 0.15 * terms.losses["sec"]
     assert terms.losses["total"].item() == pytest.approx(expected.item(), rel=1e-6)
     # eta = 0: the SEC term is not computed at all.
-    plain = Objective(LossConfig(temperature=0.5))(z1, z2, z, 0.5)
+    plain = Objective(LossConfig(temperature=0.5))(pairwise_similarities(z1, z2), z, z, 0.5)
     assert "sec" not in plain.losses
     # EMA mu: starts at the first batch mean, then (1-rho) mu + rho mean; stored in a buffer.
     ema = Objective(LossConfig(sec_eta=1.0, sec_mu="ema", sec_momentum=0.25))
     m1 = z.norm(dim=1).mean()
-    ema(z1, z2, z, 0.0)
+    ema(pairwise_similarities(z1, z2), z, z, 0.0)
     assert ema.sec_mu.item() == pytest.approx(m1.item(), rel=1e-6)
     z_b = z * 2
-    out = ema(z1 * 2, z2 * 2, z_b, 0.0)
+    out = ema(pairwise_similarities(z1 * 2, z2 * 2), z_b, z_b, 0.0)
     mu2 = 0.75 * m1 + 0.25 * z_b.norm(dim=1).mean()
     assert ema.sec_mu.item() == pytest.approx(mu2.item(), rel=1e-6)
     assert out.losses["sec"].item() == pytest.approx(sec_loss(z_b, mu2).item(), rel=1e-5)
@@ -131,7 +131,8 @@ def test_objective_combines_terms_and_ema_buffer():
 def test_diagnostics_values():
     # Perfect alignment with orthogonal negatives: pos sim 1, neg sim 0, top-1 100%.
     z = torch.eye(4, 8)
-    d = Objective(LossConfig())(z, z.clone(), torch.cat([z, z]), 0.0).diagnostics
+    zz = torch.cat([z, z])
+    d = Objective(LossConfig())(pairwise_similarities(z, z.clone()), zz, zz, 0.0).diagnostics
     assert d["pos_sim"].item() == pytest.approx(1.0)
     assert d["neg_sim"].item() == pytest.approx(0.0)
     assert d["contrastive_top1"].item() == pytest.approx(100.0)

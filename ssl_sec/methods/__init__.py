@@ -1,7 +1,8 @@
 """The methods dictionary: each method turns two views into loss terms and owns its state."""
 
+from .moco import MoCo
 from .simclr import SimCLR
 
-METHODS = {"simclr": SimCLR}
+METHODS = {"simclr": SimCLR, "moco": MoCo}
 
-__all__ = ["METHODS", "SimCLR"]
+__all__ = ["METHODS", "MoCo", "SimCLR"]

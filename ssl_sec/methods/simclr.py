@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from ..config import Config
-from ..losses import Objective, Terms
+from ..losses import Objective, Terms, pairwise_similarities
 from ..models import Encoder
 
 
@@ -27,7 +27,8 @@ class SimCLR(nn.Module):
         # global BN does across devices) and the convolutions run on one larger batch.
         h, z = self.encoder(torch.cat([v1, v2]))
         z1, z2 = z.chunk(2)
-        return self.objective(z1, z2, z if self.sec_on == "projector" else h, progress)
+        sims = pairwise_similarities(z1, z2)
+        return self.objective(sims, z, z if self.sec_on == "projector" else h, progress)
 
     def after_step(self, progress: float) -> None:
         """SimCLR has no momentum encoder or queue: nothing to update after the optimizer."""

@@ -1,0 +1,111 @@
+"""MoCo v2 (He et al. 2020; Chen et al. 2020): momentum key encoder and a queue of keys.
+
+The loop calls `after_step` after the optimizer step: it moves the momentum encoder and
+enqueues this step's keys. Nothing is updated inside `forward`'s autograd graph.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..config import Config
+from ..losses import Objective, Similarities, Terms, queue_similarities
+from ..models import Encoder, convert_split_bn, ema_update, momentum_copy
+
+
+def momentum_at(base: float, schedule: str, progress: float) -> float:
+    """Constant m, or m cosine-increased to 1 over the run (BYOL, solo-learn)."""
+    if schedule == "constant":
+        return base
+    return 1.0 - (1.0 - base) * (math.cos(math.pi * min(max(progress, 0.0), 1.0)) + 1.0) / 2.0
+
+
+class MoCo(nn.Module):
+    def __init__(self, cfg: Config):
+        super().__init__()
+        m = cfg.moco
+        self.cfg = m
+        self.sec_on = cfg.loss.sec_on
+        self.encoder = Encoder(cfg.model, head="moco")
+        if m.bn_remedy == "split":
+            convert_split_bn(self.encoder.backbone, m.bn_splits)
+        self.momentum_encoder = momentum_copy(self.encoder)
+        self.objective = Objective(cfg.loss)
+        # Ring buffer of normalised keys. It starts empty: columns not yet filled are masked
+        # out of the loss (no random "keys" as negatives), so the loss is defined from step 0.
+        self.register_buffer("queue", torch.zeros(m.queue_size, cfg.model.proj_output_dim))
+        self.register_buffer("queue_ptr", torch.zeros((), dtype=torch.long))
+        self.register_buffer("queue_len", torch.zeros((), dtype=torch.long))
+        self._pending_keys: torch.Tensor | None = None
+
+    @property
+    def backbone(self) -> nn.Module:
+        return self.encoder.backbone
+
+    @torch.no_grad()
+    def _keys(self, v: torch.Tensor) -> torch.Tensor:
+        """Normalised keys of the momentum encoder. With split-BN the batch is shuffled first
+        so that a key lands in a different BN group than its query (shuffle-BN on one device)."""
+        if self.cfg.bn_remedy == "split":
+            perm = torch.randperm(v.shape[0], device=v.device)
+            _, k = self.momentum_encoder(v[perm])
+            k = k[torch.argsort(perm)]
+        else:
+            _, k = self.momentum_encoder(v)
+        return F.normalize(k.float(), dim=1)
+
+    def _similarities(self, q: torch.Tensor, k: torch.Tensor) -> Similarities:
+        s = queue_similarities(q, k, self.queue)
+        filled = torch.arange(self.queue.shape[0], device=q.device) < self.queue_len
+        s.valid = torch.cat([filled.new_ones(1), filled])[None, :].expand(q.shape[0], -1)
+        return s
+
+    def forward(self, v1: torch.Tensor, v2: torch.Tensor, progress: float) -> Terms:
+        """v1, v2: augmented views (N,3,h,w). Queries from v1 (and v2 when symmetric), keys
+        from the other view."""
+        h1, q1 = self.encoder(v1)
+        k2 = self._keys(v2)
+        if self.cfg.symmetric:
+            h2, q2 = self.encoder(v2)
+            k1 = self._keys(v1)
+            a, b = self._similarities(q1, k2), self._similarities(q2, k1)
+            # Stacking both directions as rows averages the two losses.
+            s = Similarities(torch.cat([a.sim, b.sim]), torch.cat([a.pos, b.pos]),
+                             torch.cat([a.valid, b.valid]))
+            q, h = torch.cat([q1, q2]), torch.cat([h1, h2])
+            self._pending_keys = torch.cat([k1, k2])
+        else:
+            s, q, h = self._similarities(q1, k2), q1, h1
+            self._pending_keys = k2
+        return self.objective(s, q, q if self.sec_on == "projector" else h, progress)
+
+    @torch.no_grad()
+    def after_step(self, progress: float) -> None:
+        """After the optimizer step: momentum update, then enqueue this step's keys."""
+        ema_update(self.momentum_encoder, self.encoder,
+                   momentum_at(self.cfg.momentum, self.cfg.momentum_schedule, progress))
+        if self._pending_keys is not None:
+            self.enqueue(self._pending_keys)
+            self._pending_keys = None
+
+    @torch.no_grad()
+    def enqueue(self, keys: torch.Tensor) -> None:
+        """Write keys (B, d) at the pointer, wrapping around; K need not divide B."""
+        size = self.queue.shape[0]
+        keys = keys[-size:]
+        idx = (self.queue_ptr + torch.arange(keys.shape[0], device=keys.device)) % size
+        self.queue[idx] = keys.to(self.queue.dtype)
+        self.queue_ptr.copy_((self.queue_ptr + keys.shape[0]) % size)
+        self.queue_len.copy_(torch.clamp(self.queue_len + keys.shape[0], max=size))
+
+    @torch.no_grad()
+    def queue_keys(self) -> torch.Tensor:
+        """The stored keys, oldest first. Shape (min(steps * B, K), d)."""
+        n = int(self.queue_len)
+        if n < self.queue.shape[0]:
+            return self.queue[:n].clone()
+        return torch.roll(self.queue, -int(self.queue_ptr), dims=0)

@@ -1,0 +1,111 @@
+"""Circle-style term against a loop implementation of the pair form (METHODS.md section 4)."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from ssl_sec.losses import (
+    circle_contrastive,
+    circle_logits,
+    circle_queue,
+    info_nce,
+    pairwise_similarities,
+    queue_similarities,
+)
+
+
+def circle_loop(u_rows, candidates, pos_cols, valid, m, gamma):
+    """softplus(lse_n(gamma a_n (s_n - m)) + lse_p(-gamma a_p (s_p - (1 - m)))) per anchor."""
+    total = 0.0
+    for i, u in enumerate(u_rows):
+        sp, sn = [], []
+        for j, c in enumerate(candidates):
+            if not valid(i, j):
+                continue
+            s = float(u @ c)
+            (sp if j == pos_cols[i] else sn).append(s)
+        neg = [gamma * max(s + m, 0.0) * (s - m) for s in sn]
+        pos = [-gamma * max(1 + m - s, 0.0) * (s - (1 - m)) for s in sp]
+        lse_n = math.log(sum(math.exp(x) for x in neg)) if neg else -math.inf
+        lse_p = math.log(sum(math.exp(x) for x in pos))
+        x = lse_n + lse_p
+        total += math.log1p(math.exp(x)) if x < 30 else x + math.log1p(math.exp(-x))
+    return total / len(u_rows)
+
+
+@pytest.mark.parametrize("n", [2, 6, 12])
+@pytest.mark.parametrize("d", [4, 32])
+@pytest.mark.parametrize("m,gamma", [(0.25, 16.0), (0.4, 80.0), (0.1, 1.0), (0.0, 32.0)])
+def test_circle_pairs_match_loop(n, d, m, gamma):
+    g = torch.Generator().manual_seed(n + d)
+    z1, z2 = torch.randn(n, d, generator=g), torch.randn(n, d, generator=g) * 2
+    ours = circle_contrastive(z1, z2, m, gamma)
+    u = F.normalize(torch.cat([z1, z2]).double(), dim=1)
+    pos = [(i + n) % (2 * n) for i in range(2 * n)]
+    ref = circle_loop(u, u, pos, lambda i, j: i != j, m, gamma)
+    assert ours.dtype == torch.float32
+    assert ours.item() == pytest.approx(ref, rel=1e-4, abs=1e-5)
+
+
+@pytest.mark.parametrize("k", [0, 5, 40])
+def test_circle_queue_matches_loop(k):
+    g = torch.Generator().manual_seed(k)
+    q, key = torch.randn(8, 16, generator=g), torch.randn(8, 16, generator=g)
+    queue = F.normalize(torch.randn(k, 16, generator=g), dim=1)
+    ours = circle_queue(q, key, queue, 0.25, 20.0)
+    uq = F.normalize(q.double(), dim=1)
+    uk = F.normalize(key.double(), dim=1)
+    total = 0.0
+    for i in range(8):
+        cands = torch.cat([uk[i:i + 1], queue.double()])
+        total += circle_loop(uq[i:i + 1], cands, [0], lambda a, b: True, 0.25, 20.0)
+    assert ours.item() == pytest.approx(total / 8, rel=1e-4, abs=1e-5)
+
+
+def test_alpha_is_detached():
+    """The gradient equals the one computed with alpha passed in as constants."""
+    g = torch.Generator().manual_seed(7)
+    z1 = torch.randn(6, 8, generator=g, requires_grad=True)
+    z2 = torch.randn(6, 8, generator=g, requires_grad=True)
+    m, gamma = 0.25, 24.0
+    circle_contrastive(z1, z2, m, gamma).backward()
+    grads = z1.grad.clone(), z2.grad.clone()
+    z1.grad = z2.grad = None
+    s = pairwise_similarities(z1, z2)
+    const = torch.where(s.pos_mask(), 1 + m - s.sim, s.sim + m).clamp_min(0).detach().clone()
+    F.cross_entropy(circle_logits(s, m, gamma, alpha=const), s.pos).backward()
+    torch.testing.assert_close(z1.grad, grads[0], rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(z2.grad, grads[1], rtol=1e-6, atol=1e-7)
+    # And alpha is not a constant of 1: letting it carry gradient would change the result.
+    z1.grad = z2.grad = None
+    s = pairwise_similarities(z1, z2)
+    live = torch.where(s.pos_mask(), 1 + m - s.sim, s.sim + m).clamp_min(0)
+    F.cross_entropy(circle_logits(s, m, gamma, alpha=live), s.pos).backward()
+    assert not torch.allclose(z1.grad, grads[0], atol=1e-5)
+
+
+@pytest.mark.parametrize("t", [0.1, 0.5])
+def test_reduces_to_info_nce(t):
+    """alpha = 1, Delta = 0, gamma = 1/T gives InfoNCE with the positive in the denominator."""
+    g = torch.Generator().manual_seed(11)
+    z1, z2 = torch.randn(10, 16, generator=g), torch.randn(10, 16, generator=g)
+    s = pairwise_similarities(z1, z2)
+    logits = circle_logits(s, 0.25, 1 / t, alpha=torch.ones_like(s.sim), deltas=(0.0, 0.0))
+    circle = F.cross_entropy(logits, s.pos)
+    assert circle.item() == pytest.approx(info_nce(z1, z2, t).item(), rel=1e-6)
+
+
+def test_non_pairs_masked_with_minus_inf_and_large_gamma_finite():
+    z = torch.randn(4, 8)
+    s = pairwise_similarities(z, z + 0.01)
+    logits = circle_logits(s, 0.25, 256.0)
+    assert torch.isinf(logits.diagonal()).all() and (logits.diagonal() < 0).all()
+    assert torch.isfinite(circle_contrastive(z * 1e3, z, 0.25, 256.0))
+    s_q = queue_similarities(z, z, torch.zeros(0, 8))
+    assert s_q.sim.shape == (4, 1)
+    with pytest.raises(ValueError):
+        circle_contrastive(z, z, 1.5, 10.0)
+    with pytest.raises(ValueError):
+        circle_contrastive(z, z, 0.25, 0.0)

@@ -1,0 +1,144 @@
+"""MoCo: queue order, momentum update, resume of queue and momentum encoder, empty queue."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from ssl_sec.checkpoint import load_checkpoint
+from ssl_sec.config import from_dict
+from ssl_sec.engine import train
+from ssl_sec.losses import circle_queue, moco_info_nce
+from ssl_sec.methods import MoCo
+from ssl_sec.methods.moco import momentum_at
+from ssl_sec.models import SplitBatchNorm
+
+TINY = ["method=moco", "model.cifar_stem=false", "model.proj_hidden_dim=32",
+        "model.proj_output_dim=8", "optim.batch_size=8", "moco.bn_splits=2"]
+
+
+def tiny(*extra):
+    torch.manual_seed(0)
+    return MoCo(from_dict({}, TINY + list(extra)))
+
+
+def views(seed=0, n=8):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, 3, 32, 32, generator=g), torch.randn(n, 3, 32, 32, generator=g)
+
+
+def test_queue_holds_last_k_keys_in_order_with_wraparound():
+    model = tiny("moco.queue_size=20")  # 20 is not a multiple of the batch (8)
+    pushed = []
+    for step in range(5):
+        keys = F.normalize(torch.randn(8, 8), dim=1)
+        model.enqueue(keys)
+        pushed.append(keys)
+        expected = torch.cat(pushed)[-20:]
+        torch.testing.assert_close(model.queue_keys(), expected, rtol=0, atol=0)
+    assert int(model.queue_len) == 20 and int(model.queue_ptr) == 40 % 20
+
+
+def test_step_enqueues_keys_of_both_views_and_loss_with_empty_queue_is_defined():
+    model = tiny("moco.queue_size=64", "moco.symmetric=true")
+    v1, v2 = views()
+    terms = model(v1, v2, 0.0)
+    # Empty queue: the only candidate is the positive, so the loss is exactly 0, not NaN.
+    assert torch.isfinite(terms.losses["total"]) and terms.losses["infonce"].item() == 0.0
+    terms.losses["total"].backward()
+    model.after_step(0.0)
+    assert int(model.queue_len) == 16  # symmetric: keys of both views
+    terms = model(v1, v2, 0.0)
+    assert terms.losses["infonce"].item() > 0
+
+
+def test_momentum_encoder_no_grad_and_moves_by_exactly_m():
+    model = tiny("moco.momentum=0.9", "moco.queue_size=32")
+    assert all(not p.requires_grad for p in model.momentum_encoder.parameters())
+    before_k = [p.clone() for p in model.momentum_encoder.parameters()]
+    v1, v2 = views()
+    opt = torch.optim.SGD(model.encoder.parameters(), lr=0.5)
+    model(v1, v2, 0.0).losses["total"].backward()
+    assert all(p.grad is None for p in model.momentum_encoder.parameters())
+    opt.step()
+    model.after_step(0.0)
+    for pk, old, pq in zip(model.momentum_encoder.parameters(), before_k,
+                           model.encoder.parameters(), strict=True):
+        torch.testing.assert_close(pk, 0.9 * old + 0.1 * pq, rtol=1e-6, atol=1e-7)
+    assert momentum_at(0.99, "cosine", 0.0) == pytest.approx(0.99)
+    assert momentum_at(0.99, "cosine", 1.0) == pytest.approx(1.0)
+    assert momentum_at(0.99, "cosine", 0.5) == pytest.approx(0.995)
+
+
+def test_loss_matches_queue_formula():
+    model = tiny("moco.queue_size=24", "moco.symmetric=false", "loss.w_circle=0.5",
+                 "loss.circle_margin=0.3", "loss.circle_gamma=20")
+    model.enqueue(F.normalize(torch.randn(24, 8), dim=1))
+    v1, v2 = views(3)
+    torch.manual_seed(5)
+    terms = model(v1, v2, 0.0)
+    q = model.encoder(v1)[1]
+    torch.manual_seed(5)
+    k = model._keys(v2)
+    torch.testing.assert_close(terms.losses["infonce"], moco_info_nce(q, k, model.queue, 0.2))
+    torch.testing.assert_close(terms.losses["circle"], circle_queue(q, k, model.queue, 0.3, 20.0))
+
+
+def test_split_bn_normalises_groups_separately():
+    torch.manual_seed(0)
+    bn = SplitBatchNorm(3, num_splits=2)
+    x = torch.randn(8, 3, 4, 4)
+    x[1::2] += 5.0  # group 1 (odd samples) has a different mean
+    y = bn(x)
+    for g in (0, 1):
+        torch.testing.assert_close(y[g::2].mean(dim=(0, 2, 3)), torch.zeros(3), atol=1e-5, rtol=0)
+    plain = torch.nn.functional.batch_norm(x, None, None, training=True)
+    assert not torch.allclose(y, plain, atol=1e-3)
+    # channels_last in, channels_last out, same values.
+    y_cl = bn(x.contiguous(memory_format=torch.channels_last))
+    torch.testing.assert_close(y_cl, y)
+    assert y_cl.is_contiguous(memory_format=torch.channels_last)
+
+
+@pytest.mark.parametrize("objective", [
+    [], ["loss.sec_eta=0.05"], ["loss.w_circle=1.0"], ["loss.sec_eta=0.05", "loss.w_circle=1.0"],
+])
+def test_short_real_moco_runs(tmp_path, data_root, objective):
+    cfg = from_dict({}, ["method=moco", "data.train_subset=256", "data.test_subset=100",
+                         "model.cifar_stem=false", "model.proj_hidden_dim=64",
+                         "model.proj_output_dim=16", "optim.batch_size=64", "optim.epochs=1",
+                         "optim.name=sgd", "optim.lr=0.05", "optim.warmup_epochs=0",
+                         "moco.queue_size=100", "eval.knn_k=10", "log_every=1",
+                         f"out_dir={tmp_path}", *objective])
+    result = train(cfg, progress_bar=False)
+    ckpt = load_checkpoint(tmp_path / "run" / "last.pt")
+    assert int(ckpt["model"]["queue_len"]) == 100
+    assert 0 <= result["top1"] <= 100
+    import json
+
+    rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    train_rows = [r for r in rows if r["kind"] == "train"]
+    assert len(train_rows) == 4
+    for r in train_rows:
+        for key, value in r.items():
+            if key.startswith("loss/"):
+                assert value == value and abs(value) < 1e6, (key, value)
+    if "loss.w_circle=1.0" in objective:
+        assert "loss/circle" in train_rows[-1]
+
+
+def test_moco_resume_restores_queue_and_momentum_encoder_exactly(tmp_path, data_root):
+    args = ["method=moco", "data.train_subset=256", "data.test_subset=64",
+            "model.cifar_stem=false", "model.proj_hidden_dim=64", "model.proj_output_dim=16",
+            "optim.batch_size=64", "optim.epochs=2", "optim.name=sgd", "optim.lr=0.05",
+            "optim.warmup_epochs=0.5",
+            "moco.queue_size=200", "moco.momentum_schedule=cosine", "eval.knn_every=0",
+            "eval.knn_k=10", f"out_dir={tmp_path}"]
+    train(from_dict({}, args + ["name=a"]), progress_bar=False)
+    train(from_dict({}, args + ["name=b"]), progress_bar=False, max_epochs=1)
+    train(from_dict({}, args + ["name=b"]), resume=True, progress_bar=False)
+    a = load_checkpoint(tmp_path / "a" / "last.pt")["model"]
+    b = load_checkpoint(tmp_path / "b" / "last.pt")["model"]
+    assert set(a) == set(b)
+    for key in a:
+        torch.testing.assert_close(b[key], a[key], rtol=0, atol=1e-6, equal_nan=True, msg=key)
+    assert any(k.startswith("momentum_encoder.") for k in a) and "queue" in a
