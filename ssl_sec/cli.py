@@ -14,6 +14,10 @@ EPILOG = """examples:
   ssl-sec pretrain recipes/cifar10/simclr.yaml optim.lr=0.6 loss.sec_eta=0.1 name=sec01
   ssl-sec pretrain recipes/cifar10/simclr.yaml --resume
   ssl-sec knn --checkpoint runs/quickstart/last.pt eval.knn_k=20
+  ssl-sec linear --checkpoint runs/quickstart/last.pt --recipe recipes/linear/cifar.yaml
+  ssl-sec linear --checkpoint runs/quickstart/last.pt mode=features optim.epochs=30
+  ssl-sec kshot --checkpoint runs/c100_src/last.pt --shots 1 5 --target-classes 50-99
+  ssl-sec norms --checkpoint runs/quickstart/last.pt
   ssl-sec config recipes/cifar10/simclr_sec.yaml loss.sec_ramp=constant
 data: data.root in the recipe, else $SSL_SEC_DATA, else ./data (downloaded when missing)."""
 
@@ -37,6 +41,40 @@ def _parser() -> argparse.ArgumentParser:
     knn.add_argument("overrides", nargs="*", metavar="key=value",
                      help="overrides of the checkpoint's config, e.g. eval.knn_k=20 data.root=...")
 
+    knn.add_argument("--no-cache", action="store_true",
+                     help="do not read or write <checkpoint dir>/features/")
+
+    lin = sub.add_parser("linear", help="linear probe of a checkpoint's frozen backbone")
+    lin.add_argument("--checkpoint", required=True, help="a .pt written by ssl-sec pretrain")
+    lin.add_argument("--recipe", default=None,
+                     help="linear recipe YAML (default: the built-in CIFAR protocol, "
+                          "as recipes/linear/cifar.yaml)")
+    lin.add_argument("overrides", nargs="*", metavar="key=value",
+                     help="overrides of the linear recipe, e.g. mode=features optim.epochs=30 "
+                          "data.dataset=cifar100")
+    lin.add_argument("--no-cache", action="store_true",
+                     help="do not read or write <checkpoint dir>/features/")
+
+    ks = sub.add_parser("kshot", help="few-shot transfer: prototype, 1-NN, logistic probe")
+    ks.add_argument("--checkpoint", required=True, help="a .pt written by ssl-sec pretrain")
+    ks.add_argument("--shots", type=int, nargs="+", default=[1, 5, 10, 50], metavar="K")
+    ks.add_argument("--replications", type=int, default=10, metavar="R")
+    ks.add_argument("--seed", type=int, default=0)
+    ks.add_argument("--target-classes", nargs="+", default=None, metavar="IDS",
+                    help="e.g. 50-99 or 3 5 7 (default: the classes the checkpoint was not "
+                         "pretrained on, else all)")
+    ks.add_argument("--split", default="test", choices=("test", "train", "all"),
+                    help="where the target images come from (default: test)")
+    ks.add_argument("overrides", nargs="*", metavar="key=value",
+                    help="overrides of the checkpoint's config, e.g. data.root=...")
+    ks.add_argument("--no-cache", action="store_true",
+                    help="do not read or write <checkpoint dir>/features/")
+
+    nrm = sub.add_parser("norms", help="histograms and statistics of ||h|| and ||z||")
+    nrm.add_argument("--checkpoint", required=True, help="a .pt written by ssl-sec pretrain")
+    nrm.add_argument("overrides", nargs="*", metavar="key=value",
+                     help="overrides of the checkpoint's config, e.g. data.test_subset=1000")
+
     cfg = sub.add_parser("config", help="print the resolved config of a recipe and overrides")
     cfg.add_argument("recipe")
     cfg.add_argument("overrides", nargs="*", metavar="key=value")
@@ -58,7 +96,23 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "knn":
             from .evaluation.commands import knn_command
 
-            print(json.dumps(knn_command(Path(args.checkpoint), args.overrides)), flush=True)
+            print(json.dumps(knn_command(Path(args.checkpoint), args.overrides,
+                                         cache=not args.no_cache)), flush=True)
+        elif args.command == "linear":
+            from .evaluation.linear import linear_command
+
+            print(json.dumps(linear_command(Path(args.checkpoint), args.recipe, args.overrides,
+                                            cache=not args.no_cache)), flush=True)
+        elif args.command == "kshot":
+            from .evaluation.kshot import kshot_command
+
+            print(json.dumps(kshot_command(Path(args.checkpoint), args.shots, args.replications,
+                                           args.seed, args.target_classes, args.split,
+                                           args.overrides, cache=not args.no_cache)), flush=True)
+        elif args.command == "norms":
+            from .evaluation.norms import norms_command
+
+            print(json.dumps(norms_command(Path(args.checkpoint), args.overrides)), flush=True)
         elif args.command == "config":
             from .config import load_recipe, to_yaml
 

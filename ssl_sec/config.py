@@ -156,16 +156,18 @@ class Config:
 # ----------------------------------------------------------------------------- linear probe
 @dataclass
 class LinearDataConfig:
-    """What the probe trains and tests on. Every None inherits the checkpoint's pretraining
-    data setting; a different `dataset` drops the checkpoint's `classes` (ids of another set)."""
+    """What the probe trains and tests on. A None inherits the checkpoint's pretraining data
+    setting; a different `dataset` drops the checkpoint's `classes` (ids of another set)."""
 
     dataset: str | None = None
     root: str | None = None
     download: bool | None = None
     # A list of class ids, "all" (every class), or None (the checkpoint's own choice).
     classes: list[int] | str | None = None
-    train_subset: int | None = None
-    test_subset: int | None = None
+    # The protocol uses every labelled image (0 = all), whatever subset the pretraining used;
+    # null inherits the checkpoint's subsets (quick checks).
+    train_subset: int | None = 0
+    test_subset: int | None = 0
     image_size: int | None = None
     classes_file: str | None = None
 

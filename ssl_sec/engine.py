@@ -172,11 +172,11 @@ def make_views(augment: torch.nn.Module, images: torch.Tensor) -> tuple[torch.Te
 
 def optimize_step(model: torch.nn.Module, v1: torch.Tensor, v2: torch.Tensor,
                   optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler, cfg: Config,
-                  progress: float):
+                  progress: float, diagnostics: bool = False):
     """Forward (autocast), backward, optional clipping, optimizer step, then the method's
     post-step update (momentum encoder, queue) - in that order, as MoCo and DINO do."""
     with autocast_for(v1.device, cfg.precision):
-        terms = model(v1, v2, progress)
+        terms = model(v1, v2, progress, diagnostics)
     optimizer.zero_grad(set_to_none=True)
     scaler.scale(terms.losses["total"]).backward()
     if cfg.optim.grad_clip > 0:
@@ -272,14 +272,15 @@ def train(cfg: Config, resume: bool = False, progress_bar: bool | None = None,
             set_lr(optimizer, lr)
             progress = step / max(total_steps - 1, 1)
             v1, v2 = make_views(augment, images)
-            terms = optimize_step(model, v1, v2, optimizer, scaler, cfg, progress)
+            log_now = (step + 1) % cfg.log_every == 0 or (step + 1) % steps_per_epoch == 0
+            terms = optimize_step(model, v1, v2, optimizer, scaler, cfg, progress, log_now)
             # Finite-loss guard without a host sync per step: remember, check at log time.
             nonfinite |= ~torch.isfinite(terms.losses["total"])
             step += 1
             n_log += images.shape[0]
             if bar is not None:
                 bar.update(1)
-            if step % cfg.log_every == 0 or step % steps_per_epoch == 0:
+            if log_now:
                 _check_finite(nonfinite, step, paths)
                 now = time.perf_counter()
                 values = _step_scalars(terms, lr, n_log / max(now - t_log, 1e-9))

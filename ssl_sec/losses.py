@@ -28,17 +28,26 @@ class Similarities:
 
     sim: (R, C) float32 cosine similarities.
     pos: (R,) int64 column of each anchor's positive.
-    valid: (R, C) bool, False where a column is not a pair of that anchor (its own view),
-        or None when every column is valid.
+    self_col: (R,) int64 column holding the anchor itself (SimCLR), excluded; or None.
+    valid: (R, C) bool, False where a column is not a candidate (MoCo's unfilled queue
+        slots), or None when every column is.
     """
 
     sim: torch.Tensor
     pos: torch.Tensor
+    self_col: torch.Tensor | None = None
     valid: torch.Tensor | None = None
 
     def masked(self, logits: torch.Tensor) -> torch.Tensor:
-        # Non-pairs get -inf (exp -> 0), never 0 (exp -> 1, a phantom negative).
-        return logits if self.valid is None else logits.masked_fill(~self.valid, float("-inf"))
+        """Non-candidates get -inf (exp -> 0), never 0 (exp -> 1, a phantom negative).
+
+        Writes in place: pass a fresh logits tensor (its op must not need its own output
+        for backward, true of the scalings used here)."""
+        if self.self_col is not None:
+            logits.scatter_(1, self.self_col[:, None], float("-inf"))
+        if self.valid is not None:
+            logits.masked_fill_(~self.valid, float("-inf"))
+        return logits
 
     def pos_mask(self) -> torch.Tensor:
         return F.one_hot(self.pos, self.sim.shape[1]).bool()
@@ -49,7 +58,7 @@ def pairwise_similarities(z1: torch.Tensor, z2: torch.Tensor) -> Similarities:
     u = F.normalize(torch.cat([z1, z2]).float(), dim=1)
     n2 = u.shape[0]
     idx = torch.arange(n2, device=u.device)
-    return Similarities(u @ u.T, (idx + n2 // 2) % n2, idx[:, None] != idx[None, :])
+    return Similarities(u @ u.T, (idx + n2 // 2) % n2, self_col=idx)
 
 
 def queue_similarities(q: torch.Tensor, k: torch.Tensor, queue: torch.Tensor) -> Similarities:
@@ -82,8 +91,11 @@ def circle_logits(s: Similarities, margin: float, gamma: float,
     negative columns: gamma * alpha_n * (s_n - Delta_n), alpha_n = relu(s_n + m)
     with Delta_p = 1 - m, Delta_n = m. alpha is detached: it re-weights pairs but is a
     constant for autograd, as in every reference implementation. `alpha` (R, C) and
-    `deltas` (Delta_p, Delta_n) may be passed explicitly (tests, the InfoNCE reduction).
+    `deltas` (Delta_p, Delta_n) may be passed explicitly (tests, the InfoNCE reduction);
+    otherwise the fused path below computes the same values.
     """
+    if alpha is None and deltas is None:
+        return s.masked(_CircleLogits.apply(s.sim.float(), s.pos, margin, gamma))
     pos = s.pos_mask()
     sim = s.sim.float()
     if alpha is None:
@@ -91,6 +103,31 @@ def circle_logits(s: Similarities, margin: float, gamma: float,
     delta_p, delta_n = (1.0 - margin, margin) if deltas is None else deltas
     shift = torch.where(pos, sim - delta_p, sim - delta_n)
     return s.masked(gamma * alpha * shift)
+
+
+class _CircleLogits(torch.autograd.Function):
+    """Circle logits with alpha detached, fused: since alpha is a constant, the gradient of
+    each logit w.r.t. its similarity is just gamma * alpha, so backward is one multiply.
+    Every negative entry is written in place, then the one positive per row is scattered
+    in: no (R, C) positive mask, no where() over the matrix."""
+
+    @staticmethod
+    def forward(ctx, sim: torch.Tensor, pos: torch.Tensor, margin: float, gamma: float):
+        idx = pos[:, None]
+        s_pos = sim.gather(1, idx)
+        weight = (sim + margin).clamp_(min=0.0)                      # alpha_n
+        weight.scatter_(1, idx, (1.0 + margin - s_pos).clamp_(min=0.0))  # alpha_p
+        weight.mul_(gamma)
+        logits = sim - margin                                         # s_n - Delta_n
+        logits.scatter_(1, idx, s_pos - (1.0 - margin))               # s_p - Delta_p
+        logits.mul_(weight)
+        ctx.save_for_backward(weight)
+        return logits
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        (weight,) = ctx.saved_tensors
+        return grad * weight, None, None, None
 
 
 def circle_from(s: Similarities, margin: float, gamma: float) -> torch.Tensor:
@@ -211,9 +248,11 @@ class Objective(nn.Module):
         return self.sec_mu.clone()
 
     def forward(self, s: Similarities, embeddings: torch.Tensor, sec_input: torch.Tensor,
-                progress: float) -> Terms:
+                progress: float, diagnostics: bool = True) -> Terms:
         """s: the step's similarities; embeddings: (M, d) un-normalised projections (for
-        diagnostics); sec_input: (M', k) what SEC constrains; progress in [0, 1]."""
+        diagnostics); sec_input: (M', k) what SEC constrains; progress in [0, 1].
+        `diagnostics=False` skips the monitoring statistics (the loop asks for them only on
+        the steps it logs, keeping them out of the hot path)."""
         cfg = self.cfg
         losses: dict[str, torch.Tensor] = {}
         total = s.sim.new_zeros(())
@@ -229,9 +268,11 @@ class Objective(nn.Module):
             losses["sec"] = sec_loss(sec_input, self._sec_mu(norms))
             total = total + eta * losses["sec"]
         losses["total"] = total
-        diagnostics = _diagnostics(s, embeddings, norms.detach())
-        diagnostics["sec_weight"] = s.sim.new_tensor(eta)
-        return Terms(losses, diagnostics, norms.detach())
+        diag: dict[str, torch.Tensor] = {}
+        if diagnostics:
+            diag = _diagnostics(s, embeddings, norms.detach())
+            diag["sec_weight"] = s.sim.new_tensor(eta)
+        return Terms(losses, diag, norms.detach())
 
 
 @torch.no_grad()
@@ -239,12 +280,12 @@ def _diagnostics(s: Similarities, embeddings: torch.Tensor, norms: torch.Tensor
                  ) -> dict[str, torch.Tensor]:
     """Collapse and norm detectors, all on-device tensors (no host sync here)."""
     sim = s.sim.detach()
-    pos_mask = s.pos_mask()
-    neg_mask = ~pos_mask if s.valid is None else s.valid & ~pos_mask
+    candidates = s.masked(sim.clone())
     pos = sim.gather(1, s.pos[:, None])
+    neg_mask = torch.isfinite(candidates) & ~s.pos_mask()
     neg_mean = (sim * neg_mask).sum() / neg_mask.sum().clamp_min(1)
     # Contrastive top-1: is the positive the most similar valid candidate?
-    top1 = (s.masked(sim).argmax(dim=1) == s.pos).float().mean() * 100
+    top1 = (candidates.argmax(dim=1) == s.pos).float().mean() * 100
     u = F.normalize(embeddings.detach().float(), dim=1)
     mean, std = norms.mean(), norms.std()
     return {

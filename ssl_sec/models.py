@@ -7,8 +7,8 @@ import copy
 import torch
 import torchvision
 from lightly.models.modules.heads import MoCoProjectionHead, SimCLRProjectionHead
-from torch.nn import functional as F
 from torch import nn
+from torch.nn import functional as F
 
 from .config import ModelConfig
 from .errors import ConfigError

@@ -29,7 +29,7 @@ def views(seed=0, n=8):
 def test_queue_holds_last_k_keys_in_order_with_wraparound():
     model = tiny("moco.queue_size=20")  # 20 is not a multiple of the batch (8)
     pushed = []
-    for step in range(5):
+    for _step in range(5):
         keys = F.normalize(torch.randn(8, 8), dim=1)
         model.enqueue(keys)
         pushed.append(keys)

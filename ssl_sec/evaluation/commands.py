@@ -1,4 +1,6 @@
-"""Evaluation commands on a saved checkpoint (`ssl-sec knn`)."""
+"""Evaluation commands on a saved checkpoint (`ssl-sec knn|linear|kshot|norms`) and the
+helpers they share: open a checkpoint, resolve its config, rebuild the backbone, the eval view
+and the on-disk feature cache (`<checkpoint dir>/features/`)."""
 
 from __future__ import annotations
 
@@ -9,43 +11,134 @@ from pathlib import Path
 import torch
 
 from ..checkpoint import load_checkpoint
-from ..config import from_dict
-from ..engine import build_augment, knn_monitor, load_splits, resolve_device
+from ..config import Config, _merge, from_dict
+from ..data import NORMALIZATION
+from ..engine import load_splits, resolve_device
 from ..errors import CheckpointError
 from ..models import build_backbone
+from .features import cached_features, file_sha256
+from .knn import knn_accuracy, knn_classify
+
+BACKBONE_PREFIX = "encoder.backbone."
 
 
-def load_backbone(path: Path, overrides: list[str]) -> tuple[torch.nn.Module, object]:
-    """The checkpoint's backbone (eval mode) and its config with `overrides` applied."""
-    ckpt = load_checkpoint(path)
-    cfg = from_dict(ckpt["config"], overrides)
+# ----------------------------------------------------------------------------- checkpoint
+def checkpoint_config(path: Path, ckpt: dict, overrides: list[str] | None = None,
+                      extra: dict | None = None) -> Config:
+    """The checkpoint's config with `extra` (a nested dict) and then `overrides` applied.
+
+    The backbone's shape cannot be changed after training: asking for another `model.arch` or
+    `model.cifar_stem` than the checkpoint holds is a CheckpointError, not a silent rebuild.
+    """
+    saved = ckpt["config"]
+    cfg = from_dict(_merge(saved, extra or {}), overrides)
+    held = saved.get("model", {}) if isinstance(saved, dict) else {}
+    for key in ("arch", "cifar_stem"):
+        if key in held and held[key] != getattr(cfg.model, key):
+            raise CheckpointError(
+                f"checkpoint '{path}' holds a backbone with model.arch={held.get('arch')!r} "
+                f"model.cifar_stem={held.get('cifar_stem')!r}, but model.{key}="
+                f"{getattr(cfg.model, key)!r} was asked; drop that override or pass a "
+                "checkpoint trained with it")
+    return cfg
+
+
+def backbone_from_checkpoint(path: Path, ckpt: dict, cfg: Config) -> torch.nn.Module:
+    """The checkpoint's backbone (eval mode, on the CPU); keys `encoder.backbone.*`."""
     backbone, _ = build_backbone(cfg.model.arch, cfg.model.cifar_stem)
-    prefix = "encoder.backbone."
-    state = {k[len(prefix):]: v for k, v in ckpt["model"].items() if k.startswith(prefix)}
+    state = {k[len(BACKBONE_PREFIX):]: v for k, v in ckpt["model"].items()
+             if k.startswith(BACKBONE_PREFIX)}
     try:
         backbone.load_state_dict(state)
     except RuntimeError as err:
         raise CheckpointError(f"checkpoint '{path}' does not match model.arch={cfg.model.arch} "
                               f"cifar_stem={cfg.model.cifar_stem} "
                               f"({str(err).splitlines()[0][:120]})") from None
-    return backbone.eval(), cfg
+    return backbone.eval()
 
 
-def knn_command(path: Path, overrides: list[str]) -> dict:
-    backbone, cfg = load_backbone(path, overrides)
-    device = resolve_device(cfg.device)
-    backbone = backbone.to(device)
+def load_backbone(path: Path, overrides: list[str],
+                  extra: dict | None = None) -> tuple[torch.nn.Module, Config]:
+    """The checkpoint's backbone (eval mode) and its config with `overrides` applied."""
+    ckpt = load_checkpoint(path)
+    cfg = checkpoint_config(path, ckpt, overrides, extra)
+    return backbone_from_checkpoint(path, ckpt, cfg), cfg
+
+
+def to_device(module: torch.nn.Module, cfg: Config, device: torch.device) -> torch.nn.Module:
+    module = module.to(device)
     if cfg.model.channels_last:
-        backbone = backbone.to(memory_format=torch.channels_last)
+        module = module.to(memory_format=torch.channels_last)
+    return module
+
+
+def eval_transform_for(cfg: Config, pretrain_dataset: str, device: torch.device):
+    """The plain eval view (centre crop to augment.size, normalise).
+
+    Normalised with the *pretraining* dataset's statistics, the input distribution the backbone
+    learned, also when it is evaluated on another dataset (transfer).
+    """
+    from ..augment import EvalTransform
+
+    mean, std = NORMALIZATION[pretrain_dataset]
+    return EvalTransform(size=cfg.augment.size, mean=mean, std=std).to(device)
+
+
+def pretrain_dataset(ckpt: dict) -> str:
+    return ckpt["config"].get("data", {}).get("dataset", "cifar10")
+
+
+# ----------------------------------------------------------------------------- feature cache
+def cache_dir_for(path: Path, enabled: bool = True) -> Path | None:
+    """`<checkpoint dir>/features/`, or None when caching is off."""
+    return Path(path).parent / "features" if enabled else None
+
+
+def feature_key(path: Path, cfg: Config, split: str, transform: torch.nn.Module) -> dict:
+    """What identifies a feature file besides the images themselves (see cached_features)."""
+    d = cfg.data
+    norm = transform.normalize
+    return {
+        "checkpoint_sha256": file_sha256(path),
+        "arch": cfg.model.arch, "cifar_stem": cfg.model.cifar_stem,
+        "dataset": d.dataset, "split": split,
+        "subset": d.train_subset if split == "train" else d.test_subset,
+        "classes": d.classes, "classes_file": d.classes_file, "image_size": d.image_size,
+        "transform": {"size": transform.size, "resize": transform.resize,
+                      "mean": [round(v, 6) for v in norm.mean.flatten().tolist()],
+                      "inv_std": [round(v, 6) for v in norm.inv_std.flatten().tolist()]},
+    }
+
+
+# ----------------------------------------------------------------------------- kNN
+def knn_command(path: Path, overrides: list[str], cache: bool = True) -> dict:
+    """Weighted kNN (METHODS.md section 5) of the checkpoint's backbone; the train-set bank
+    and the test features are cached in `<checkpoint dir>/features/` unless `cache=False`."""
+    ckpt = load_checkpoint(path)
+    cfg = checkpoint_config(path, ckpt, overrides)
+    device = resolve_device(cfg.device)
+    backbone = to_device(backbone_from_checkpoint(path, ckpt, cfg), cfg, device)
     train_set, test_set = load_splits(cfg)
-    _, eval_transform = build_augment(cfg, device)
+    transform = eval_transform_for(cfg, pretrain_dataset(ckpt), device)
+    cache_dir = cache_dir_for(path, cache)
     t0 = time.perf_counter()
-    acc = knn_monitor(backbone, (train_set.images.to(device), train_set.labels.to(device)),
-                      (test_set.images.to(device), test_set.labels.to(device)), eval_transform, cfg)
-    result = {"top1": acc["top1"], "top5": acc["top5"], "k": cfg.eval.knn_k,
-              "T": cfg.eval.knn_temperature, "feature_layer": "backbone (pooled, L2-normalised)",
+    feats = {}
+    for split, ds in (("train", train_set), ("test", test_set)):
+        feats[split] = cached_features(backbone, ds.images.to(device), transform, cache_dir,
+                                       feature_key(path, cfg, split, transform),
+                                       precision=cfg.precision)
+    e = cfg.eval
+    train_y, test_y = train_set.labels.to(device), test_set.labels.to(device)
+    scores = knn_classify(feats["train"], train_y, feats["test"], k=e.knn_k,
+                          temperature=e.knn_temperature,
+                          num_classes=int(max(train_y.max(), test_y.max())) + 1,
+                          backend=e.knn_backend, memory_mb=e.knn_memory_mb)
+    acc = knn_accuracy(scores, test_y)
+    result = {"top1": acc["top1"], "top5": acc["top5"], "k": e.knn_k,
+              "T": e.knn_temperature, "feature_layer": "backbone (pooled, L2-normalised)",
               "dataset": cfg.data.dataset, "n_train": len(train_set.labels),
               "n_test": len(test_set.labels), "checkpoint": str(path),
+              "feature_cache": None if cache_dir is None else str(cache_dir),
               "seconds": round(time.perf_counter() - t0, 2)}
     out = path.with_name(f"{path.stem}.knn.json")
     out.write_text(json.dumps(result, indent=2) + "\n")

@@ -64,7 +64,8 @@ class MoCo(nn.Module):
         s.valid = torch.cat([filled.new_ones(1), filled])[None, :].expand(q.shape[0], -1)
         return s
 
-    def forward(self, v1: torch.Tensor, v2: torch.Tensor, progress: float) -> Terms:
+    def forward(self, v1: torch.Tensor, v2: torch.Tensor, progress: float,
+                diagnostics: bool = True) -> Terms:
         """v1, v2: augmented views (N,3,h,w). Queries from v1 (and v2 when symmetric), keys
         from the other view."""
         h1, q1 = self.encoder(v1)
@@ -75,13 +76,14 @@ class MoCo(nn.Module):
             a, b = self._similarities(q1, k2), self._similarities(q2, k1)
             # Stacking both directions as rows averages the two losses.
             s = Similarities(torch.cat([a.sim, b.sim]), torch.cat([a.pos, b.pos]),
-                             torch.cat([a.valid, b.valid]))
+                             valid=torch.cat([a.valid, b.valid]))
             q, h = torch.cat([q1, q2]), torch.cat([h1, h2])
             self._pending_keys = torch.cat([k1, k2])
         else:
             s, q, h = self._similarities(q1, k2), q1, h1
             self._pending_keys = k2
-        return self.objective(s, q, q if self.sec_on == "projector" else h, progress)
+        return self.objective(s, q, q if self.sec_on == "projector" else h, progress,
+                              diagnostics)
 
     @torch.no_grad()
     def after_step(self, progress: float) -> None:

@@ -21,14 +21,16 @@ class SimCLR(nn.Module):
     def backbone(self) -> nn.Module:
         return self.encoder.backbone
 
-    def forward(self, v1: torch.Tensor, v2: torch.Tensor, progress: float) -> Terms:
+    def forward(self, v1: torch.Tensor, v2: torch.Tensor, progress: float,
+                diagnostics: bool = True) -> Terms:
         """v1, v2: augmented views (N,3,h,w); progress: fraction of the run done, in [0, 1]."""
         # One pass over both views: BatchNorm normalises over all 2N images (as SimCLR's
         # global BN does across devices) and the convolutions run on one larger batch.
         h, z = self.encoder(torch.cat([v1, v2]))
         z1, z2 = z.chunk(2)
         sims = pairwise_similarities(z1, z2)
-        return self.objective(sims, z, z if self.sec_on == "projector" else h, progress)
+        return self.objective(sims, z, z if self.sec_on == "projector" else h, progress,
+                              diagnostics)
 
     def after_step(self, progress: float) -> None:
         """SimCLR has no momentum encoder or queue: nothing to update after the optimizer."""
