@@ -49,3 +49,26 @@ def write_result(path: str | Path, payload: dict) -> Path:
     path.write_text(json.dumps({**provenance(), **payload}, indent=2) + "\n")
     print(f"wrote {path.relative_to(ROOT)}")
     return path
+
+
+# The CPU-sized protocol used by the ablations: the quick-start recipe (ResNet-18 with the
+# ImageNet stem at 32x32) on the first 10,000 CIFAR-10 training images for 2 epochs; kNN
+# (k=200, T=0.1) with those 10,000 images as the bank and the full 10,000-image test set.
+CPU_SMALL = ["data.train_subset=10000", "optim.epochs=2", "eval.knn_every=0", "log_every=20"]
+
+
+def run_training(recipe: str, overrides: list[str], out_dir: str | Path, name: str) -> dict:
+    """Train one recipe in this process (quietly) and return its final kNN result."""
+    import contextlib
+    import io
+
+    from ssl_sec.config import load_recipe
+    from ssl_sec.engine import train
+
+    cfg = load_recipe(ROOT / recipe, [*overrides, f"out_dir={out_dir}", f"name={name}"])
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf):
+        result = train(cfg, progress_bar=False)
+    last = [line for line in buf.getvalue().splitlines() if line.startswith("epoch ")]
+    print(f"  {name}: {last[-1] if last else ''}", flush=True)
+    return result

@@ -17,3 +17,30 @@ def data_root() -> Path:
     if not (root / "cifar-10-batches-py").is_dir():
         pytest.fail(f"real CIFAR-10 not found under {root}; set SSL_SEC_DATA")
     return root
+
+
+@pytest.fixture
+def make_checkpoint(tmp_path):
+    """Write an untrained ssl_sec checkpoint (same format as `engine.train`) and return its path.
+
+    A tiny config (ResNet-18 with the ImageNet stem, small heads) keeps the evaluation tests
+    fast; `overrides` are dotted config overrides.
+    """
+    from ssl_sec.checkpoint import FORMAT_VERSION, atomic_save
+    from ssl_sec.config import from_dict, to_dict
+    from ssl_sec.engine import build_model
+
+    def make(*overrides: str, name: str = "run", seed: int = 0) -> Path:
+        cfg = from_dict({}, ["model.cifar_stem=false", "model.proj_hidden_dim=64",
+                             "model.proj_output_dim=16", "data.train_subset=128",
+                             "data.test_subset=64", "data.download=false", "device=cpu",
+                             *overrides])
+        torch.manual_seed(seed)
+        model = build_model(cfg, torch.device("cpu"))
+        path = tmp_path / name / "last.pt"
+        atomic_save({"format": "ssl_sec", "format_version": FORMAT_VERSION,
+                     "config": to_dict(cfg), "model": model.state_dict(), "epoch": 0,
+                     "step": 0}, path)
+        return path
+
+    return make
