@@ -11,6 +11,7 @@ the full test set. Reports mean and sample standard deviation over seeds.
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 import sys
 import tempfile
@@ -18,7 +19,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import CPU_SMALL, run_training, write_result  # noqa: E402
+from common import CPU_SMALL, ROOT, run_training, write_result  # noqa: E402
 
 OBJECTIVES = {
     "infonce": [],
@@ -32,10 +33,15 @@ METHODS = {"simclr": [], "moco": ["method=moco", "moco.queue_size=4096", "moco.m
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    ap.add_argument("--circle", default="0.25,32", help="margin,gamma (from sweep_circle.py)")
+    ap.add_argument("--circle", default=None,
+                    help="margin,gamma; default: the best cell of eval/results/circle_sweep_cpu.json")
     ap.add_argument("--out", default="eval/results/methods_cpu.json")
     args = ap.parse_args()
-    margin, gamma = (float(x) for x in args.circle.split(","))
+    if args.circle:
+        margin, gamma = (float(x) for x in args.circle.split(","))
+    else:
+        best = json.loads((ROOT / "eval/results/circle_sweep_cpu.json").read_text())["best"]
+        margin, gamma = best["margin"], best["gamma"]
     circle = [f"loss.circle_margin={margin}", f"loss.circle_gamma={gamma}"]
     runs, table = [], {}
     t0 = time.perf_counter()

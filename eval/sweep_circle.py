@@ -1,6 +1,6 @@
 """Circle-term sweep: margin m and scale gamma for SimCLR with InfoNCE + Circle on CIFAR-10.
 
-    python eval/sweep_circle.py --margins 0.25 0.4 --gammas 16 32 64
+    python eval/sweep_circle.py --margins 0.25 0.4 --gammas 4 8 16 32 64
 
 CPU-sized protocol (eval/common.py CPU_SMALL): quick-start model, first 10,000 training
 images, 2 epochs, kNN top-1 on the full test set; one seed per cell plus an InfoNCE-only
@@ -23,7 +23,7 @@ from common import CPU_SMALL, run_training, write_result  # noqa: E402
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--margins", type=float, nargs="+", default=[0.25, 0.4])
-    ap.add_argument("--gammas", type=float, nargs="+", default=[16.0, 32.0, 64.0])
+    ap.add_argument("--gammas", type=float, nargs="+", default=[4.0, 8.0, 16.0, 32.0, 64.0])
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default="eval/results/circle_sweep_cpu.json")
     args = ap.parse_args()

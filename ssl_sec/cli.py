@@ -65,15 +65,19 @@ def _parser() -> argparse.ArgumentParser:
                          "pretrained on, else all)")
     ks.add_argument("--split", default="test", choices=("test", "train", "all"),
                     help="where the target images come from (default: test)")
+    ks.add_argument("--logistic-c", type=float, default=1.0, metavar="C",
+                    help="inverse L2 strength of the logistic probe (scikit-learn's C)")
     ks.add_argument("overrides", nargs="*", metavar="key=value",
-                    help="overrides of the checkpoint's config, e.g. data.root=...")
+                    help="overrides of the checkpoint's config, e.g. data.root=... "
+                         "(all target-class images are used unless data.test_subset=N)")
     ks.add_argument("--no-cache", action="store_true",
                     help="do not read or write <checkpoint dir>/features/")
 
     nrm = sub.add_parser("norms", help="histograms and statistics of ||h|| and ||z||")
     nrm.add_argument("--checkpoint", required=True, help="a .pt written by ssl-sec pretrain")
     nrm.add_argument("overrides", nargs="*", metavar="key=value",
-                     help="overrides of the checkpoint's config, e.g. data.test_subset=1000")
+                     help="overrides of the checkpoint's config; the whole test set is "
+                          "embedded unless e.g. data.test_subset=1000")
 
     cfg = sub.add_parser("config", help="print the resolved config of a recipe and overrides")
     cfg.add_argument("recipe")
@@ -92,7 +96,10 @@ def main(argv: list[str] | None = None) -> int:
                 raise UserError(f"--max-epochs {args.max_epochs}: must be >= 1")
             result = train(load_recipe(args.recipe, args.overrides), resume=args.resume,
                            max_epochs=args.max_epochs)
-            print(json.dumps(result), flush=True)
+            from .distributed import is_main
+
+            if is_main():
+                print(json.dumps(result), flush=True)
         elif args.command == "knn":
             from .evaluation.commands import knn_command
 
@@ -108,7 +115,8 @@ def main(argv: list[str] | None = None) -> int:
 
             print(json.dumps(kshot_command(Path(args.checkpoint), args.shots, args.replications,
                                            args.seed, args.target_classes, args.split,
-                                           args.overrides, cache=not args.no_cache)), flush=True)
+                                           args.overrides, cache=not args.no_cache,
+                                           logistic_c=args.logistic_c)), flush=True)
         elif args.command == "norms":
             from .evaluation.norms import norms_command
 

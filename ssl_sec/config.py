@@ -416,7 +416,13 @@ def from_dict(values: dict, overrides: list[str] | None = None) -> Config:
 
 def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Config:
     """Read a recipe YAML (safe_load) and apply `key=value` overrides."""
-    return from_dict(_read_yaml(Path(path), "recipes/quickstart.yaml"), overrides)
+    path = Path(path)
+    cfg = from_dict(_read_yaml(path, "recipes/quickstart.yaml"), overrides)
+    # A class list named in a recipe is found beside the recipe (recipes/imagenet100/).
+    listed = cfg.data.classes_file
+    if listed and not Path(listed).is_absolute() and (path.parent / listed).is_file():
+        cfg.data.classes_file = str((path.parent / listed).resolve())
+    return cfg
 
 
 def _read_yaml(path: Path, example: str) -> dict:

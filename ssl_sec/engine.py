@@ -17,6 +17,7 @@ import torch
 from torch.utils.tensorboard import SummaryWriter
 
 from . import config as config_mod
+from . import distributed as dist
 from .augment import EvalTransform, ViewAugment, preview_grid
 from .checkpoint import FORMAT_VERSION, atomic_save, load_checkpoint, rng_state, set_rng_state
 from .config import Config
@@ -146,7 +147,8 @@ class Logger:
 
 
 def say(msg: str) -> None:
-    print(msg, flush=True)
+    if dist.is_main():
+        print(msg, flush=True)
 
 
 # ----------------------------------------------------------------------------- kNN monitor
@@ -184,7 +186,7 @@ def optimize_step(model: torch.nn.Module, v1: torch.Tensor, v2: torch.Tensor,
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
     scaler.step(optimizer)
     scaler.update()
-    model.after_step(progress)
+    getattr(model, "module", model).after_step(progress)
     return terms
 
 
@@ -197,8 +199,14 @@ def train(cfg: Config, resume: bool = False, progress_bar: bool | None = None,
     epoch), so a long run can be split into time-limited jobs and continued with resume.
     """
     # -- data -----------------------------------------------------------------------------
-    device = resolve_device(cfg.device)
-    paths = prepare_run_dir(cfg, resume)
+    resolve_device(cfg.device)  # a clear error when CUDA is asked for and absent
+    device = dist.init(cfg.device)
+    rank, world, main = dist.rank(), dist.world_size(), dist.is_main()
+    if cfg.optim.batch_size % world:
+        raise ConfigError(f"optim.batch_size={cfg.optim.batch_size} must be divisible by the "
+                          f"{world} processes (it is the global batch)")
+    paths = prepare_run_dir(cfg, resume) if main else RunPaths(Path(cfg.out_dir) / cfg.name)
+    dist.barrier()
     ckpt = None
     if resume:
         ckpt = load_checkpoint(paths.last)
@@ -213,12 +221,17 @@ def train(cfg: Config, resume: bool = False, progress_bar: bool | None = None,
     train_x, train_y = train_set.images.to(device), train_set.labels.to(device)
     test_x, test_y = test_set.images.to(device), test_set.labels.to(device)
     loader = DeviceLoader(train_x, train_y, cfg.optim.batch_size, shuffle=True, drop_last=True,
-                          generator=torch.Generator().manual_seed(cfg.seed))
+                          generator=torch.Generator().manual_seed(cfg.seed), shard=(rank, world))
     augment, eval_transform = build_augment(cfg, device)
 
     # -- model, objective, optimizer -------------------------------------------------------
-    model = build_model(cfg, device)
-    optimizer = build_optimizer(model, cfg.optim)
+    core = build_model(cfg, device)
+    model = _wrap_distributed(core, cfg, device)
+    if world > 1:
+        # Same initial weights everywhere (above), different augmentation draws per rank.
+        torch.manual_seed(cfg.seed + rank)
+        random.seed(cfg.seed + rank)
+    optimizer = build_optimizer(core, cfg.optim)
     use_fp16 = device.type == "cuda" and cfg.precision == "fp16"
     scaler = torch.amp.GradScaler("cuda", enabled=use_fp16)
     steps_per_epoch = len(loader)
@@ -229,25 +242,28 @@ def train(cfg: Config, resume: bool = False, progress_bar: bool | None = None,
     start_epoch, step = 0, 0
     if ckpt is not None:
         try:
-            model.load_state_dict(ckpt["model"])
+            core.load_state_dict(ckpt["model"])
             optimizer.load_state_dict(ckpt["optimizer"])
         except (RuntimeError, ValueError, KeyError) as err:
             raise CheckpointError(f"checkpoint '{paths.last}' does not fit this model "
                                   f"({str(err).splitlines()[0][:160]})") from None
         scaler.load_state_dict(ckpt["scaler"])
         loader.generator.set_state(ckpt["loader_rng"])
-        set_rng_state(ckpt["rng"])
+        # One RNG state per rank (a run resumes with the world size it was saved with).
+        rng = ckpt["rng"]
+        set_rng_state(rng[rank] if isinstance(rng, list) else rng)
         start_epoch, step = ckpt["epoch"], ckpt["step"]
         say(f"resumed {paths.last} at epoch {start_epoch}, step {step}")
-    else:
+    elif main:
         (paths.root / "config.yaml").write_text(config_mod.to_yaml(cfg))
     say("config:\n" + config_mod.to_yaml(cfg).rstrip())
     say(f"run directory: {paths.root}  (TensorBoard: tensorboard --logdir {paths.root / 'tb'})")
-    say(f"device {device}, {len(train_set.labels)} train / {len(test_set.labels)} test images, "
-        f"{steps_per_epoch} steps/epoch, {cfg.optim.epochs} epochs")
+    say(f"device {device} x {world} process(es), {len(train_set.labels)} train / "
+        f"{len(test_set.labels)} test images, {steps_per_epoch} steps/epoch, "
+        f"{cfg.optim.epochs} epochs")
 
-    log = Logger(paths)
-    if ckpt is None:
+    log = Logger(paths) if main else None
+    if ckpt is None and main:
         # Augmentation previews use their own generator state: they must not shift the
         # training RNG stream (a resumed run has to replay the same draws).
         with torch.no_grad(), torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
@@ -283,28 +299,33 @@ def train(cfg: Config, resume: bool = False, progress_bar: bool | None = None,
             if log_now:
                 _check_finite(nonfinite, step, paths)
                 now = time.perf_counter()
-                values = _step_scalars(terms, lr, n_log / max(now - t_log, 1e-9))
+                values = _step_scalars(terms, lr, world * n_log / max(now - t_log, 1e-9))
                 t_log, n_log = now, 0
-                log.scalars(step, values, "train")
+                if log is not None:
+                    log.scalars(step, values, "train")
                 if bar is not None:
                     bar.set_postfix(loss=f"{values['loss/total']:.3f}",
                                     img_s=f"{values['perf/images_per_s']:.0f}")
         if bar is not None:
             bar.close()
         epoch_s = time.perf_counter() - t_epoch
-        if terms.norms is not None:
+        if terms.norms is not None and log is not None:
             log.tb.add_histogram("norm/hist", terms.norms.float().cpu(), step)
         epoch_done = epoch + 1
         eta_s = epoch_s * (cfg.optim.epochs - epoch_done)
         line = (f"epoch {epoch_done}/{cfg.optim.epochs}  loss {values['loss/total']:.4f}  "
                 f"{epoch_s:.1f} s  {steps_per_epoch * cfg.optim.batch_size / epoch_s:.0f} img/s"
                 f"  ETA {eta_s / 60:.1f} min")
+        rng_states = dist.gather_objects(rng_state())
+        if not main:
+            dist.barrier()  # rank 0 evaluates and checkpoints
+            continue
         log.scalars(step, {"perf/epoch_seconds": epoch_s}, "epoch")
         last = epoch_done == cfg.optim.epochs
         every = cfg.eval.knn_every
         if last or (every and epoch_done % every == 0):
             t0 = time.perf_counter()
-            acc = knn_monitor(model.backbone, (train_x, train_y), (test_x, test_y),
+            acc = knn_monitor(core.backbone, (train_x, train_y), (test_x, test_y),
                               eval_transform, cfg)
             knn_s = time.perf_counter() - t0
             log.scalars(step, {"knn/top1": acc["top1"], "knn/top5": acc["top5"],
@@ -316,14 +337,16 @@ def train(cfg: Config, resume: bool = False, progress_bar: bool | None = None,
         state = {
             "format": "ssl_sec", "format_version": FORMAT_VERSION,
             "config": config_mod.to_dict(cfg), "epoch": epoch_done, "step": step,
-            "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+            "model": core.state_dict(), "optimizer": optimizer.state_dict(),
             "scaler": scaler.state_dict(), "loader_rng": loader.generator.get_state(),
-            "rng": rng_state(), "knn": result,
+            "rng": rng_states, "knn": result,
         }
         atomic_save(state, paths.last)
         if cfg.ckpt_every and epoch_done % cfg.ckpt_every == 0:
             atomic_save(state, paths.root / f"epoch{epoch_done:04d}.pt")
-    log.close()
+        dist.barrier()
+    if log is not None:
+        log.close()
     if ckpt is not None and start_epoch >= cfg.optim.epochs:
         result = ckpt.get("knn", {})
         say(f"run already finished at epoch {start_epoch}; nothing to do")
@@ -331,12 +354,29 @@ def train(cfg: Config, resume: bool = False, progress_bar: bool | None = None,
         say(f"stopped after epoch {end_epoch} of {cfg.optim.epochs} as asked; continue with --resume")
     summary = {"run_dir": str(paths.root), "checkpoint": str(paths.last),
                "knn_k": cfg.eval.knn_k, "knn_temperature": cfg.eval.knn_temperature, **result}
-    (paths.root / "result.json").write_text(json.dumps(summary, indent=2) + "\n")
+    if main:
+        (paths.root / "result.json").write_text(json.dumps(summary, indent=2) + "\n")
     return summary
 
 
+def _wrap_distributed(model: torch.nn.Module, cfg: Config, device: torch.device):
+    """DDP across processes (gradient all-reduce) with SyncBN for SimCLR on GPUs, whose
+    BatchNorm should see the global batch (torch's SyncBN is GPU-only: CPU processes keep
+    per-process BN). MoCo keeps its per-process split-BN (its remedy for the BN leak).
+    At world size 1 the model is returned as it is."""
+    if dist.world_size() == 1:
+        return model
+    if cfg.method == "simclr" and device.type == "cuda":
+        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    ids = [device.index] if device.type == "cuda" else None
+    # Buffers (queue, SEC mu, BN stats) are kept equal by construction; no broadcast needed.
+    return torch.nn.parallel.DistributedDataParallel(model, device_ids=ids,
+                                                     broadcast_buffers=False)
+
+
 def _check_finite(flag: torch.Tensor, step: int, paths: RunPaths) -> None:
-    if bool(flag):
+    # Every rank must take the same decision, or the others would hang in a collective.
+    if bool(dist.all_reduce_mean(flag.float()) > 0):
         raise UserError(f"the loss became NaN/inf at or before step {step}; the last good "
                         f"checkpoint is kept at '{paths.last}'; lower optim.lr or set "
                         "optim.grad_clip (e.g. 3.0)")

@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import LossConfig
+from .distributed import all_reduce_mean, gather_with_grad, rank, world_size
 
 
 @dataclass
@@ -54,11 +55,20 @@ class Similarities:
 
 
 def pairwise_similarities(z1: torch.Tensor, z2: torch.Tensor) -> Similarities:
-    """SimCLR candidates: all 2N views. Shapes: z1, z2 (N, d) -> sim (2N, 2N)."""
+    """SimCLR candidates: all 2N views of the global batch. Shapes: z1, z2 (N, d) local
+    -> sim (2N, 2N * world): this rank's anchors against every rank's views.
+
+    Across ranks the views are gathered with gradient and this rank's positives and self
+    columns are offset by rank * N (forgetting the offset is the classic bug). At world
+    size 1 this is the (2N, 2N) matrix of all views.
+    """
+    n = z1.shape[0]
     u = F.normalize(torch.cat([z1, z2]).float(), dim=1)
-    n2 = u.shape[0]
-    idx = torch.arange(n2, device=u.device)
-    return Similarities(u @ u.T, (idx + n2 // 2) % n2, self_col=idx)
+    r, w = rank(), world_size()
+    candidates = u if w == 1 else torch.cat([gather_with_grad(u[:n]), gather_with_grad(u[n:])])
+    local = torch.arange(n, device=u.device) + r * n
+    return Similarities(u @ candidates.T, pos=torch.cat([local + w * n, local]),
+                        self_col=torch.cat([local, local + w * n]))
 
 
 def queue_similarities(q: torch.Tensor, k: torch.Tensor, queue: torch.Tensor) -> Similarities:
@@ -236,7 +246,8 @@ class Objective(nn.Module):
         self.register_buffer("sec_mu", torch.tensor(float("nan")))
 
     def _sec_mu(self, norms: torch.Tensor) -> torch.Tensor:
-        batch_mu = norms.detach().mean()
+        # The global batch's mean norm: the same mu on every rank (equal local batches).
+        batch_mu = all_reduce_mean(norms.detach().mean())
         if self.cfg.sec_mu == "batch":
             return batch_mu
         if self.training:

@@ -38,7 +38,7 @@ def test_norm_statistics_match_numpy():
 def test_norms_command_writes_json_and_png_matching_a_direct_computation(make_checkpoint,
                                                                          data_root):
     path = make_checkpoint()
-    result = norms_command(path, [])
+    result = norms_command(path, ["data.test_subset=64"])
     saved = json.loads(path.with_name("last.norms.json").read_text())
     assert saved["h"] == result["h"] and saved["n_images"] == 64
     png = path.with_name("last.norms.png")

@@ -20,7 +20,8 @@ scored by accuracy over all queries:
 Each k reports the mean over replications and a 95% confidence interval
 `1.96 * std / sqrt(R)` (sample std, ddof=1). A k is skipped, and the output says why, when some
 target class has <= k images (no query would be left for it).
-The images come from the **test** split by default (`--split`; the pretraining never saw any
+The images (all of them, unless `data.test_subset` / `data.train_subset` is overridden) come
+from the **test** split by default (`--split`; the pretraining never saw any
 test image, and for source-only pretraining no target-class image either); `all` pools train and
 test when the test split has too few images per class.
 """
@@ -231,6 +232,8 @@ def kshot_command(path: Path, shots: Sequence[int] = DEFAULT_SHOTS, replications
     `data.classes` complement), or to every class when it saw them all (then `disjoint` is
     false in the output: that is not a transfer evaluation).
     """
+    if not logistic_c > 0:
+        raise UserError(f"--logistic-c {logistic_c}: must be > 0")
     if split not in SPLITS:
         raise UserError(f"--split {split!r}: use one of {', '.join(SPLITS)}")
     target = parse_classes(target_classes) if target_classes else None
@@ -244,7 +247,10 @@ def kshot_command(path: Path, shots: Sequence[int] = DEFAULT_SHOTS, replications
     if target is None:
         target = [c for c in range(n_all) if source is None or c not in source]
         target = target or list(range(n_all))
-    cfg = checkpoint_config(path, ckpt, overrides, {"data": {"classes": target}})
+    # Every image of the target classes, whatever subset the pretraining run used; an explicit
+    # data.train_subset / data.test_subset override still applies (first N after the class filter).
+    cfg = checkpoint_config(path, ckpt, overrides,
+                            {"data": {"classes": target, "train_subset": 0, "test_subset": 0}})
     device = resolve_device(cfg.device)
     backbone = to_device(backbone_from_checkpoint(path, ckpt, cfg), cfg, device)
     transform = eval_transform_for(cfg, pretrain_dataset(ckpt), device)

@@ -1,7 +1,7 @@
 """Norm diagnostics of a checkpoint: how spread out are the embedding norms?
 
 SEC (METHODS.md section 3) pulls the projector outputs' norms ||z|| towards their mean; this
-command measures the result on the test set, for the pooled backbone features h and the
+command measures the result on the (whole) test set, for the pooled backbone features h and the
 projector outputs z alike, in eval mode and **before** any L2 normalisation. It writes
 `<stem>.norms.json` (mean, std, coefficient of variation, quantiles) and `<stem>.norms.png`
 (histograms; needs matplotlib: `pip install ssl_sec[plots]`).
@@ -96,7 +96,9 @@ def norms_command(path: Path, overrides: list[str] | None = None) -> dict:
     _pyplot()  # fail before the expensive part when matplotlib is missing
     path = Path(path)
     ckpt = load_checkpoint(path)
-    cfg = checkpoint_config(path, ckpt, overrides)
+    # The whole test set unless data.test_subset is overridden (the pretraining run's subset
+    # was a speed device, not part of this diagnostic).
+    cfg = checkpoint_config(path, ckpt, overrides, {"data": {"test_subset": 0}})
     device = resolve_device(cfg.device)
     model = build_model(cfg, device)
     try:

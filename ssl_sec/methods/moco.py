@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import Config
+from ..distributed import gather
 from ..losses import Objective, Similarities, Terms, queue_similarities
 from ..models import Encoder, convert_split_bn, ema_update, momentum_copy
 
@@ -78,16 +79,17 @@ class MoCo(nn.Module):
             s = Similarities(torch.cat([a.sim, b.sim]), torch.cat([a.pos, b.pos]),
                              valid=torch.cat([a.valid, b.valid]))
             q, h = torch.cat([q1, q2]), torch.cat([h1, h2])
-            self._pending_keys = torch.cat([k1, k2])
+            self._pending_keys = gather(torch.cat([k1, k2]))
         else:
             s, q, h = self._similarities(q1, k2), q1, h1
-            self._pending_keys = k2
+            self._pending_keys = gather(k2)
         return self.objective(s, q, q if self.sec_on == "projector" else h, progress,
                               diagnostics)
 
     @torch.no_grad()
     def after_step(self, progress: float) -> None:
-        """After the optimizer step: momentum update, then enqueue this step's keys."""
+        """After the optimizer step: momentum update, then enqueue this step's keys (the
+        keys of every rank, so the queue is identical on all ranks)."""
         ema_update(self.momentum_encoder, self.encoder,
                    momentum_at(self.cfg.momentum, self.cfg.momentum_schedule, progress))
         if self._pending_keys is not None:

@@ -1,0 +1,108 @@
+"""Process-group helpers that all work at world size 1 (no process group at all).
+
+`torchrun --nproc_per_node=G -m ssl_sec pretrain RECIPE` sets RANK / WORLD_SIZE / LOCAL_RANK;
+`init()` then starts NCCL (GPU) or gloo (CPU) and pins this process to its GPU.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.distributed as dist
+
+
+def is_dist() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def rank() -> int:
+    return dist.get_rank() if is_dist() else 0
+
+
+def world_size() -> int:
+    return dist.get_world_size() if is_dist() else 1
+
+
+def is_main() -> bool:
+    return rank() == 0
+
+
+def init(device_name: str) -> torch.device:
+    """Start the process group when launched by torchrun; return this process's device."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not is_dist():
+        use_cuda = torch.cuda.is_available() and device_name in ("auto", "cuda")
+        if use_cuda:
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        dist.init_process_group("nccl" if use_cuda else "gloo")
+    if device_name == "auto":
+        device_name = "cuda" if torch.cuda.is_available() else "cpu"
+    if device_name == "cuda" and is_dist():
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device(device_name)
+
+
+def barrier() -> None:
+    if is_dist():
+        dist.barrier()
+
+
+class _GatherWithGrad(torch.autograd.Function):
+    """all_gather whose backward returns this rank's slice of the summed gradient.
+
+    Every rank's loss depends on every rank's embeddings, so the gradient w.r.t. the local
+    slice is the sum over ranks of each rank's gradient w.r.t. that slice: all_reduce(sum),
+    then slice. (Returning only the local rank's gradient, or dividing by the world size, is
+    the field's classic bug.)
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
+        parts = [torch.empty_like(x) for _ in range(world_size())]
+        dist.all_gather(parts, x.contiguous())
+        ctx.n = x.shape[0]
+        return torch.cat(parts)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        grad = grad.contiguous()
+        dist.all_reduce(grad, op=dist.ReduceOp.SUM)
+        r = rank()
+        return grad[r * ctx.n:(r + 1) * ctx.n]
+
+
+def gather_with_grad(x: torch.Tensor) -> torch.Tensor:
+    """Concatenate `x` (N, ...) from all ranks in rank order, keeping the gradient path.
+    Shape (world * N, ...); the identity at world size 1."""
+    if world_size() == 1:
+        return x
+    return _GatherWithGrad.apply(x)
+
+
+@torch.no_grad()
+def gather(x: torch.Tensor) -> torch.Tensor:
+    """all_gather without gradient (MoCo keys, kNN banks). Shape (world * N, ...)."""
+    if world_size() == 1:
+        return x
+    parts = [torch.empty_like(x) for _ in range(world_size())]
+    dist.all_gather(parts, x.contiguous())
+    return torch.cat(parts)
+
+
+@torch.no_grad()
+def all_reduce_mean(x: torch.Tensor) -> torch.Tensor:
+    """Mean of `x` over ranks (a new tensor); `x` itself at world size 1."""
+    if world_size() == 1:
+        return x
+    y = x.clone()
+    dist.all_reduce(y, op=dist.ReduceOp.SUM)
+    return y / world_size()
+
+
+def gather_objects(obj):
+    """A list with every rank's `obj` (rank order) on all ranks; [obj] at world size 1."""
+    if world_size() == 1:
+        return [obj]
+    out = [None] * world_size()
+    dist.all_gather_object(out, obj)
+    return out
