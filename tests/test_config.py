@@ -13,9 +13,14 @@ RECIPES = sorted((Path(__file__).parents[1] / "recipes").rglob("*.yaml"))
 @pytest.mark.parametrize("path", RECIPES, ids=[p.name for p in RECIPES])
 def test_every_recipe_loads(path):
     if path.parent.name == "linear":
-        pytest.skip("linear-probe recipes have their own schema")
+        from ssl_sec.config import LinearConfig, load_linear_recipe
+
+        assert isinstance(load_linear_recipe(path), LinearConfig)
+        return
     cfg = load_recipe(path)
     assert isinstance(cfg, Config)
+    assert cfg.name == f"{path.parent.name}-{path.stem.replace('_', '-')}" or \
+        path.name == "quickstart.yaml"
 
 
 def test_overrides_apply_and_parse_types():
