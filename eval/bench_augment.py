@@ -23,20 +23,18 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import sys
 import time
 from pathlib import Path
 
-import kornia
-import lightly
-import numpy as np
 import PIL
 import torch
-import torchvision
 from lightly.transforms import SimCLRTransform
 from PIL import Image
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import cpu_model, provenance  # noqa: E402
 
 from ssl_sec.augment import ViewAugment, make_views
 from ssl_sec.data import NORMALIZATION, load_cifar
@@ -97,43 +95,6 @@ def time_runs(fn, repeats: int, warmup: int) -> list[float]:
     return runs
 
 
-def git_revision() -> str | None:
-    """The checked-out commit, read from .git without running git (None if unavailable)."""
-    git = REPO / ".git"
-    try:
-        head = (git / "HEAD").read_text().strip()
-        if not head.startswith("ref: "):
-            return head
-        ref = head.removeprefix("ref: ")
-        if (git / ref).exists():
-            return (git / ref).read_text().strip()
-        for line in (git / "packed-refs").read_text().splitlines():
-            if line.endswith(" " + ref):
-                return line.split()[0]
-    except OSError:
-        pass
-    return None
-
-
-def machine_info() -> dict:
-    model = None
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return {
-        "platform": platform.platform(),
-        "cpu_model": model,
-        "cpu_count": os.cpu_count(),
-        "cpus_usable": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
-        "torch_default_threads": torch.get_num_threads(),
-        "python": platform.python_version(),
-    }
-
-
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(sys.argv[1:] if argv is None else argv)
     torch.manual_seed(args.seed)
@@ -179,16 +140,7 @@ def main(argv: list[str] | None = None) -> None:
     result = {
         "benchmark": "two SimCLR views per image, ssl_sec ViewAugment (batched, kornia) vs "
         "lightly SimCLRTransform (per PIL image), CPU",
-        "git_revision": git_revision(),
-        "machine": machine_info(),
-        "versions": {
-            "torch": torch.__version__,
-            "torchvision": torchvision.__version__,
-            "kornia": kornia.__version__,
-            "lightly": lightly.__version__,
-            "pillow": PIL.__version__,
-            "numpy": np.__version__,
-        },
+        **provenance(pillow=PIL.__version__),
         "settings": {
             **SETTINGS,
             "batch": args.batch,
@@ -214,7 +166,7 @@ def main(argv: list[str] | None = None) -> None:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")
 
-    print(f"batch {args.batch}, two views, CIFAR-10 on {machine_info()['cpu_model']}")
+    print(f"batch {args.batch}, two views, CIFAR-10 on {cpu_model()}")
     for k in seconds:
         print(
             f"  {k:24s} {ips[k]:9.0f} images/s  (median {statistics.median(seconds[k]) * 1e3:7.1f} ms)"

@@ -18,18 +18,17 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 import faiss
-import lightly
-import numpy as np
 import torch
 from lightly.utils.benchmarking import knn_predict
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import provenance  # noqa: E402
 
 from ssl_sec.evaluation.knn import knn_classify
 
@@ -166,45 +165,6 @@ def explain_mismatches(a, b, bank, labels, queries, args) -> dict:
     return {"differing_top1": len(idx), **reasons}
 
 
-def git_revision() -> str | None:
-    """The checked-out commit, read from .git without running git (None if unavailable)."""
-    git = REPO / ".git"
-    try:
-        head = (git / "HEAD").read_text().strip()
-        if not head.startswith("ref: "):
-            return head
-        ref = head.removeprefix("ref: ")
-        if (git / ref).exists():
-            return (git / ref).read_text().strip()
-        for line in (git / "packed-refs").read_text().splitlines():
-            if line.endswith(" " + ref):
-                return line.split()[0]
-    except OSError:
-        pass
-    return None
-
-
-def machine_info() -> dict:
-    model = None
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return {
-        "platform": platform.platform(),
-        "processor": platform.processor() or None,
-        "cpu_model": model,
-        "cpu_count": os.cpu_count(),
-        "cpus_usable": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
-        "torch_threads": torch.get_num_threads(),
-        "faiss_omp_threads": faiss.omp_get_max_threads(),
-        "python": platform.python_version(),
-    }
-
-
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     args = parse_args(argv)
@@ -236,14 +196,7 @@ def main(argv: list[str] | None = None) -> None:
     best = {m: min(timings[m]) for m in METHODS}
     result = {
         "benchmark": "weighted kNN (InstDisc), ssl_sec.evaluation.knn vs lightly knn_predict, CPU",
-        "git_revision": git_revision(),
-        "machine": machine_info(),
-        "versions": {
-            "torch": torch.__version__,
-            "faiss": faiss.__version__,
-            "lightly": lightly.__version__,
-            "numpy": np.__version__,
-        },
+        **provenance(faiss=faiss.__version__),
         "settings": {
             "bank": args.bank,
             "dim": args.dim,

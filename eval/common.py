@@ -13,7 +13,18 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def provenance() -> dict:
+def cpu_model() -> str | None:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return None
+
+
+def provenance(**extra_versions: str) -> dict:
+    """Machine, library versions (plus `extra_versions`), git revision and the command."""
     import kornia
     import lightly
     import numpy
@@ -32,12 +43,13 @@ def provenance() -> dict:
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "git": rev + ("+dirty" if dirty else ""),
         "command": " ".join([os.path.relpath(sys.argv[0], ROOT), *sys.argv[1:]]),
-        "machine": {"platform": platform.platform(), "processor": platform.processor(),
+        "machine": {"platform": platform.platform(), "cpu_model": cpu_model(),
                     "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
                     "gpu": gpu},
         "versions": {"python": platform.python_version(), "torch": torch.__version__,
                      "torchvision": torchvision.__version__, "kornia": kornia.__version__,
-                     "lightly": lightly.__version__, "numpy": numpy.__version__},
+                     "lightly": lightly.__version__, "numpy": numpy.__version__,
+                     **extra_versions},
     }
 
 
