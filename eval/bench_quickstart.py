@@ -1,6 +1,10 @@
 """Quick start on real CIFAR-10 (CPU): does the recipe learn within its time budget?
 
-    python eval/bench_quickstart.py
+    python eval/bench_quickstart.py --linear
+    python eval/bench_quickstart.py --linear --checkpoint runs/NAME/last.pt   # reuse a run
+
+With --checkpoint (e.g. the run `bash scripts/quickstart.sh` made), pretraining is not
+repeated: its time is read from that run's metrics.jsonl (sum of the epoch times).
 
 Pretrains `recipes/quickstart.yaml` (timed), then scores on the full 10,000-image test set
 with all 50,000 training images as the bank (weighted kNN, k=200, T=0.1):
@@ -13,6 +17,8 @@ With --linear, also a linear probe (fast mode on cached features) of trained vs 
 from __future__ import annotations
 
 import argparse
+import json
+import shutil
 import sys
 import tempfile
 import time
@@ -23,7 +29,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import ROOT, write_result  # noqa: E402
 
-from ssl_sec.config import load_recipe  # noqa: E402
+from ssl_sec.checkpoint import load_checkpoint  # noqa: E402
+from ssl_sec.config import from_dict, load_recipe  # noqa: E402
 from ssl_sec.engine import build_augment, build_model, knn_monitor, load_splits, train  # noqa: E402
 from ssl_sec.evaluation.knn import knn_accuracy, knn_classify  # noqa: E402
 
@@ -33,14 +40,26 @@ def main() -> None:
     ap.add_argument("--recipe", default="recipes/quickstart.yaml")
     ap.add_argument("--out", default="eval/results/quickstart_cpu.json")
     ap.add_argument("--linear", action="store_true", help="also run fast-mode linear probes")
+    ap.add_argument("--checkpoint", default=None, help="score this quick-start run instead")
     ap.add_argument("overrides", nargs="*")
     args = ap.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
-        cfg = load_recipe(ROOT / args.recipe, [*args.overrides, f"out_dir={tmp}", "name=qs"])
-        t0 = time.perf_counter()
-        result = train(cfg, progress_bar=False)
-        train_s = time.perf_counter() - t0
-        ckpt = Path(tmp) / "qs" / "last.pt"
+        if args.checkpoint:
+            ckpt = Path(tmp) / "qs.pt"
+            shutil.copy(args.checkpoint, ckpt)  # evaluation files land in tmp, not the run
+            saved = load_checkpoint(ckpt)
+            cfg = from_dict(saved["config"], args.overrides)
+            result = saved["knn"]
+            rows = [json.loads(x) for x in
+                    (Path(args.checkpoint).parent / "metrics.jsonl").read_text().splitlines()]
+            train_s = sum(r.get("perf/epoch_seconds", 0.0) + r.get("perf/knn_seconds", 0.0)
+                          for r in rows)
+        else:
+            cfg = load_recipe(ROOT / args.recipe, [*args.overrides, f"out_dir={tmp}", "name=qs"])
+            t0 = time.perf_counter()
+            result = train(cfg, progress_bar=False)
+            train_s = time.perf_counter() - t0
+            ckpt = Path(tmp) / "qs" / "last.pt"
         device = torch.device("cpu")
         train_set, test_set = load_splits(cfg)
         _, transform = build_augment(cfg, device)
@@ -61,6 +80,7 @@ def main() -> None:
     write_result(args.out, {
         "benchmark": "quickstart",
         "settings": {"recipe": args.recipe, "overrides": args.overrides,
+                     "checkpoint": args.checkpoint,
                      "epochs": cfg.optim.epochs, "batch_size": cfg.optim.batch_size,
                      "n_train": len(train_set.labels), "n_test": len(test_set.labels),
                      "knn": f"k={cfg.eval.knn_k}, T={cfg.eval.knn_temperature}, "
@@ -80,7 +100,7 @@ def knn_pixels(train_xy, test_xy, transform, cfg) -> dict:
 
 
 def linear_probes(ckpt: Path, random_model, cfg) -> dict:
-    from ssl_sec.checkpoint import atomic_save, load_checkpoint
+    from ssl_sec.checkpoint import atomic_save
     from ssl_sec.evaluation.linear import linear_command
 
     out = {"trained": linear_command(ckpt, None, ["mode=features"])}
