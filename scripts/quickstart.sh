@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Install ssl_sec into ./.venv, pretrain SimCLR on real CIFAR-10 (CPU-sized, ~8 min on two
+# Install ssl_sec into ./.venv, pretrain SimCLR on real CIFAR-10 (CPU-sized, about 5 min on two
 # cores), then score the backbone with a weighted kNN over the full test set.
 source "$(dirname "$0")/setup_env.sh"
 NAME=${NAME:-quickstart-$(date +%Y%m%d-%H%M%S)}
