@@ -32,7 +32,7 @@ from common import ROOT, write_result  # noqa: E402
 from ssl_sec.checkpoint import load_checkpoint  # noqa: E402
 from ssl_sec.config import from_dict, load_recipe  # noqa: E402
 from ssl_sec.engine import build_augment, build_model, knn_monitor, load_splits, train  # noqa: E402
-from ssl_sec.evaluation.knn import knn_accuracy, knn_classify  # noqa: E402
+from ssl_sec.evaluation.knn import knn_evaluate  # noqa: E402
 
 
 def main() -> None:
@@ -93,10 +93,7 @@ def knn_pixels(train_xy, test_xy, transform, cfg) -> dict:
     """Raw-pixel baseline: the eval transform's normalised pixels as features."""
     feats = [torch.nn.functional.normalize(transform(x).reshape(len(x), -1).float(), dim=1)
              for x in (train_xy[0], test_xy[0])]
-    scores = knn_classify(feats[0], train_xy[1], feats[1], k=cfg.eval.knn_k,
-                          temperature=cfg.eval.knn_temperature, num_classes=10,
-                          memory_mb=cfg.eval.knn_memory_mb)
-    return knn_accuracy(scores, test_xy[1])
+    return knn_evaluate(feats[0], train_xy[1], feats[1], test_xy[1], cfg.eval)
 
 
 def linear_probes(ckpt: Path, random_model, cfg) -> dict:

@@ -28,18 +28,16 @@ def is_main() -> bool:
     return rank() == 0
 
 
-def init(device_name: str) -> torch.device:
-    """Start the process group when launched by torchrun; return this process's device."""
+def init(device: torch.device) -> torch.device:
+    """Start the process group when launched by torchrun; return this process's device
+    (`device` itself, or this rank's GPU when several processes share the CUDA devices)."""
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not is_dist():
-        use_cuda = torch.cuda.is_available() and device_name in ("auto", "cuda")
-        if use_cuda:
+        if device.type == "cuda":
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-        dist.init_process_group("nccl" if use_cuda else "gloo")
-    if device_name == "auto":
-        device_name = "cuda" if torch.cuda.is_available() else "cpu"
-    if device_name == "cuda" and is_dist():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    if device.type == "cuda" and is_dist():
         return torch.device("cuda", torch.cuda.current_device())
-    return torch.device(device_name)
+    return device
 
 
 def barrier() -> None:

@@ -24,7 +24,7 @@ from .config import Config
 from .data import NORMALIZATION, DeviceLoader, ImageSet, load_dataset
 from .errors import CheckpointError, ConfigError, UserError
 from .evaluation.features import autocast_for, extract_features
-from .evaluation.knn import knn_accuracy, knn_classify
+from .evaluation.knn import knn_evaluate
 from .methods import METHODS
 from .optim import build_optimizer, lr_at, set_lr
 
@@ -156,13 +156,9 @@ def knn_monitor(backbone: torch.nn.Module, train: tuple[torch.Tensor, torch.Tens
                 test: tuple[torch.Tensor, torch.Tensor], transform: torch.nn.Module,
                 cfg: Config) -> dict[str, float]:
     """Weighted kNN top-1/top-5 of eval-mode backbone features (no augmentation)."""
-    e = cfg.eval
     bank = extract_features(backbone, train[0], transform, precision=cfg.precision)
     queries = extract_features(backbone, test[0], transform, precision=cfg.precision)
-    scores = knn_classify(bank, train[1], queries, k=e.knn_k, temperature=e.knn_temperature,
-                          num_classes=int(max(train[1].max(), test[1].max())) + 1,
-                          backend=e.knn_backend, memory_mb=e.knn_memory_mb)
-    return knn_accuracy(scores, test[1])
+    return knn_evaluate(bank, train[1], queries, test[1], cfg.eval)
 
 
 # ----------------------------------------------------------------------------- one step
@@ -199,8 +195,7 @@ def train(cfg: Config, resume: bool = False, progress_bar: bool | None = None,
     epoch), so a long run can be split into time-limited jobs and continued with resume.
     """
     # -- data -----------------------------------------------------------------------------
-    resolve_device(cfg.device)  # a clear error when CUDA is asked for and absent
-    device = dist.init(cfg.device)
+    device = dist.init(resolve_device(cfg.device))
     rank, world, main = dist.rank(), dist.world_size(), dist.is_main()
     if cfg.optim.batch_size % world:
         raise ConfigError(f"optim.batch_size={cfg.optim.batch_size} must be divisible by the "

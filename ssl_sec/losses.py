@@ -30,8 +30,8 @@ class Similarities:
     sim: (R, C) float32 cosine similarities.
     pos: (R,) int64 column of each anchor's positive.
     self_col: (R,) int64 column holding the anchor itself (SimCLR), excluded; or None.
-    valid: (R, C) bool, False where a column is not a candidate (MoCo's unfilled queue
-        slots), or None when every column is.
+    valid: (R, C) or broadcastable (1, C) bool, False where a column is not a candidate
+        (MoCo's unfilled queue slots), or None when every column is.
     """
 
     sim: torch.Tensor

@@ -17,7 +17,7 @@ from ..engine import load_splits, resolve_device
 from ..errors import CheckpointError
 from ..models import build_backbone
 from .features import cached_features, file_sha256
-from .knn import knn_accuracy, knn_classify
+from .knn import knn_evaluate
 
 BACKBONE_PREFIX = "encoder.backbone."
 
@@ -128,12 +128,8 @@ def knn_command(path: Path, overrides: list[str], cache: bool = True) -> dict:
                                        feature_key(path, cfg, split, transform),
                                        precision=cfg.precision)
     e = cfg.eval
-    train_y, test_y = train_set.labels.to(device), test_set.labels.to(device)
-    scores = knn_classify(feats["train"], train_y, feats["test"], k=e.knn_k,
-                          temperature=e.knn_temperature,
-                          num_classes=int(max(train_y.max(), test_y.max())) + 1,
-                          backend=e.knn_backend, memory_mb=e.knn_memory_mb)
-    acc = knn_accuracy(scores, test_y)
+    acc = knn_evaluate(feats["train"], train_set.labels.to(device), feats["test"],
+                       test_set.labels.to(device), e)
     result = {"top1": acc["top1"], "top5": acc["top5"], "k": e.knn_k,
               "T": e.knn_temperature, "feature_layer": "backbone (pooled, L2-normalised)",
               "dataset": cfg.data.dataset, "n_train": len(train_set.labels),

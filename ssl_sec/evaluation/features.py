@@ -18,11 +18,10 @@ from ..checkpoint import atomic_save
 
 def autocast_for(device: torch.device, precision: str):
     """bf16 autocast on CUDA ('auto' or 'bf16'); plain fp32 elsewhere."""
-    if device.type == "cuda" and precision in ("auto", "bf16"):
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    if device.type == "cuda" and precision == "fp16":
-        return torch.autocast("cuda", dtype=torch.float16)
-    return contextlib.nullcontext()
+    used = effective_precision(device, precision)
+    if used == "fp32":
+        return contextlib.nullcontext()
+    return torch.autocast("cuda", dtype=torch.bfloat16 if used == "bf16" else torch.float16)
 
 
 @torch.no_grad()

@@ -366,3 +366,17 @@ def _check_inputs(
         raise ConfigError(
             f"knn_classify: {train_labels.shape[0]} train_labels for {train_feats.shape[0]} bank features"
         )
+
+
+def knn_evaluate(train_feats: torch.Tensor, train_labels: torch.Tensor,
+                 test_feats: torch.Tensor, test_labels: torch.Tensor, eval_cfg) -> dict[str, float]:
+    """Top-1/top-5 of weighted kNN with the recipe's `eval.*` settings (k, T, backend,
+    memory budget): the one routine behind the training monitor and `ssl-sec knn`.
+
+    Shapes: train_feats (N, D), train_labels (N,), test_feats (Q, D), test_labels (Q,).
+    """
+    num_classes = int(max(train_labels.max(), test_labels.max())) + 1
+    scores = knn_classify(train_feats, train_labels, test_feats, k=eval_cfg.knn_k,
+                          temperature=eval_cfg.knn_temperature, num_classes=num_classes,
+                          backend=eval_cfg.knn_backend, memory_mb=eval_cfg.knn_memory_mb)
+    return knn_accuracy(scores, test_labels)

@@ -61,8 +61,9 @@ class MoCo(nn.Module):
 
     def _similarities(self, q: torch.Tensor, k: torch.Tensor) -> Similarities:
         s = queue_similarities(q, k, self.queue)
+        # Unfilled queue slots are not candidates: one (1, 1+K) column mask, broadcast.
         filled = torch.arange(self.queue.shape[0], device=q.device) < self.queue_len
-        s.valid = torch.cat([filled.new_ones(1), filled])[None, :].expand(q.shape[0], -1)
+        s.valid = torch.cat([filled.new_ones(1), filled])[None, :]
         return s
 
     def forward(self, v1: torch.Tensor, v2: torch.Tensor, progress: float,
@@ -77,7 +78,7 @@ class MoCo(nn.Module):
             a, b = self._similarities(q1, k2), self._similarities(q2, k1)
             # Stacking both directions as rows averages the two losses.
             s = Similarities(torch.cat([a.sim, b.sim]), torch.cat([a.pos, b.pos]),
-                             valid=torch.cat([a.valid, b.valid]))
+                             valid=a.valid)
             q, h = torch.cat([q1, q2]), torch.cat([h1, h2])
             self._pending_keys = gather(torch.cat([k1, k2]))
         else:
