@@ -7,6 +7,7 @@ import json
 import sys
 from pathlib import Path
 
+from .cpu_memory import keep_freed_memory
 from .errors import UserError
 
 EPILOG = """examples:
@@ -87,6 +88,8 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    # Before the first tensor: glibc keeps freed blocks for the next step (cpu_memory.py).
+    keep_freed_memory()
     try:
         if args.command == "pretrain":
             from .config import load_recipe

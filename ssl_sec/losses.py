@@ -54,6 +54,7 @@ class Similarities:
         return F.one_hot(self.pos, self.sim.shape[1]).bool()
 
 
+
 def pairwise_similarities(z1: torch.Tensor, z2: torch.Tensor) -> Similarities:
     """SimCLR candidates: all 2N views of the global batch. Shapes: z1, z2 (N, d) local
     -> sim (2N, 2N * world): this rank's anchors against every rank's views.
@@ -84,12 +85,16 @@ def queue_similarities(q: torch.Tensor, k: torch.Tensor, queue: torch.Tensor) ->
 
 
 def info_nce_from(s: Similarities, temperature: float) -> torch.Tensor:
-    """Cross-entropy of each anchor's positive among its valid candidates. Scalar.
+    """Cross-entropy of each anchor's positive among its valid candidates, logits s / T.
+    Scalar (mean over anchors). Computed in log-softmax form, never log(pos / (pos + neg))
+    on raw exponentials (overflow, lost precision)."""
+    return contrastive_losses(s, temperature=temperature)[0]
 
-    Written as cross_entropy over masked logits, never log(pos / (pos + neg)) on raw
-    exponentials (overflow, lost precision).
-    """
-    return F.cross_entropy(s.masked(s.sim / temperature), s.pos)
+
+def circle_from(s: Similarities, margin: float, gamma: float) -> torch.Tensor:
+    """Circle term with one positive per anchor: softplus(lse_n + lse_p) equals the
+    cross-entropy of the positive's logit among all logits of the row. Scalar."""
+    return contrastive_losses(s, w_infonce=0.0, circle=(margin, gamma))[0]
 
 
 def circle_logits(s: Similarities, margin: float, gamma: float,
@@ -100,12 +105,13 @@ def circle_logits(s: Similarities, margin: float, gamma: float,
     positive column: gamma * alpha_p * (s_p - Delta_p), alpha_p = relu(1 + m - s_p)
     negative columns: gamma * alpha_n * (s_n - Delta_n), alpha_n = relu(s_n + m)
     with Delta_p = 1 - m, Delta_n = m. alpha is detached: it re-weights pairs but is a
-    constant for autograd, as in every reference implementation. `alpha` (R, C) and
-    `deltas` (Delta_p, Delta_n) may be passed explicitly (tests, the InfoNCE reduction);
-    otherwise the fused path below computes the same values.
+    constant for autograd, as in every reference implementation.
+
+    This is the formula written out with plain autograd, kept as the readable reference
+    (tests compare the fused path of `contrastive_losses` against it). `alpha` (R, C) and
+    `deltas` (Delta_p, Delta_n) may be passed explicitly (the alpha-detached test, the
+    InfoNCE reduction).
     """
-    if alpha is None and deltas is None:
-        return s.masked(_CircleLogits.apply(s.sim.float(), s.pos, margin, gamma))
     pos = s.pos_mask()
     sim = s.sim.float()
     if alpha is None:
@@ -115,35 +121,128 @@ def circle_logits(s: Similarities, margin: float, gamma: float,
     return s.masked(gamma * alpha * shift)
 
 
-class _CircleLogits(torch.autograd.Function):
-    """Circle logits with alpha detached, fused: since alpha is a constant, the gradient of
-    each logit w.r.t. its similarity is just gamma * alpha, so backward is one multiply.
-    Every negative entry is written in place, then the one positive per row is scattered
-    in: no (R, C) positive mask, no where() over the matrix."""
+def contrastive_losses(s: Similarities, temperature: float = 0.2, w_infonce: float = 1.0,
+                       circle: tuple[float, float] | None = None, w_circle: float = 1.0
+                       ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """w_infonce * InfoNCE + w_circle * Circle from one similarity matrix, fused.
+
+    Args:
+        s: the step's similarities, sim (R, C).
+        temperature: InfoNCE's T (> 0).
+        w_infonce: InfoNCE's weight; 0 skips the term (nothing is computed for it).
+        circle: (margin, gamma) to add the Circle term, None to leave it out.
+        w_circle: Circle's weight.
+    Returns:
+        (total, parts): total is the weighted sum, a scalar that carries the gradient;
+        parts maps "infonce" and/or "circle" to each term's value (mean over the R
+        anchors), detached, for logging.
+    """
+    weights = {"infonce": w_infonce, "circle": w_circle if circle is not None else 0.0}
+    names = [name for name, w in weights.items() if w > 0]
+    if not names:
+        return s.sim.new_zeros(()), {}
+    margin, gamma = circle if weights["circle"] > 0 else (0.0, 0.0)
+    total, values = _ContrastiveCE.apply(s.sim, s, temperature, weights["infonce"], margin,
+                                         gamma, weights["circle"])
+    return total, dict(zip(names, values))
+
+
+class _ContrastiveCE(torch.autograd.Function):
+    """InfoNCE and Circle cross-entropies over the rows of one (R, C) similarity matrix,
+    with the gradient computed in the forward pass.
+
+    Why: through plain autograd each term costs a logits tensor, log_softmax, the one-hot
+    nll backward (an (R, C) zero fill + scatter), log_softmax's backward (an exp), the
+    backward of the scaling and of the -inf masking, and a final add of the two gradients:
+    about ten passes over the matrix per term, which made the Circle term cost half as much
+    again as InfoNCE on the CPU. The gradient has a closed form,
+
+        d CE_row / d logit = softmax(logits) - onehot(pos),
+        d logit / d sim    = 1 / T (InfoNCE), gamma * alpha (Circle, alpha detached),
+
+    and the only thing backward adds is the upstream scalar. So the forward computes each
+    term's softmax, its loss, and accumulates the weighted gradient into one (R, C) buffer,
+    the only tensor saved for backward. Masked candidates have probability exactly 0,
+    hence zero gradient.
+    """
 
     @staticmethod
-    def forward(ctx, sim: torch.Tensor, pos: torch.Tensor, margin: float, gamma: float):
-        idx = pos[:, None]
-        s_pos = sim.gather(1, idx)
-        weight = (sim + margin).clamp_(min=0.0)                      # alpha_n
-        weight.scatter_(1, idx, (1.0 + margin - s_pos).clamp_(min=0.0))  # alpha_p
-        weight.mul_(gamma)
-        logits = sim - margin                                         # s_n - Delta_n
-        logits.scatter_(1, idx, s_pos - (1.0 - margin))               # s_p - Delta_p
-        logits.mul_(weight)
-        ctx.save_for_backward(weight)
-        return logits
+    def forward(ctx, sim: torch.Tensor, s: Similarities, temperature: float, w_infonce: float,
+                margin: float, gamma: float, w_circle: float):
+        if sim.dtype in (torch.float16, torch.bfloat16):
+            sim = sim.float()  # float32 math whatever autocast produced
+        s = Similarities(sim, s.pos, s.self_col, s.valid)
+        idx = s.pos[:, None]
+        rows = sim.shape[0]
+        need_grad = ctx.needs_input_grad[0]
+        c_nce, c_circle = w_infonce / (temperature * rows), w_circle / rows
+        values, grad = [], None
+        if w_infonce > 0:
+            prob, ce = _softmax_ce(s.masked(sim * (1.0 / temperature)), idx)
+            values.append(ce)
+            if need_grad:
+                grad = prob.mul_(c_nce)
+        if w_circle > 0:
+            alpha, logits = _circle_parts(s, margin, gamma)
+            prob, ce = _softmax_ce(s.masked(logits), idx)
+            values.append(ce)
+            c_circle *= gamma  # d logit / d sim = gamma * alpha
+            if need_grad:
+                grad = (prob.mul_(alpha).mul_(c_circle) if grad is None
+                        else grad.addcmul_(prob, alpha, value=c_circle))
+        if need_grad:
+            # The -onehot(pos) part of each term's softmax: -coef * dlogit at the positive.
+            pos_grad = torch.full_like(idx, -c_nce, dtype=grad.dtype)
+            if w_circle > 0:
+                pos_grad -= c_circle * alpha.gather(1, idx)
+            grad.scatter_add_(1, idx, pos_grad)
+        values = torch.stack(values)
+        ctx.mark_non_differentiable(values)
+        ctx.save_for_backward(grad)
+        weights = [w for w in (w_infonce, w_circle) if w > 0]
+        return sum(w * v for w, v in zip(weights, values)), values
 
     @staticmethod
-    def backward(ctx, grad: torch.Tensor):
-        (weight,) = ctx.saved_tensors
-        return grad * weight, None, None, None
+    def backward(ctx, grad_total: torch.Tensor, _grad_values):
+        (grad,) = ctx.saved_tensors
+        # loss.backward() seeds 1: on the CPU reading that costs nothing and saves a pass
+        # over the matrix; on CUDA reading it would be a host sync, so multiply instead.
+        if not grad_total.is_cuda and grad_total.item() == 1.0:
+            return grad, None, None, None, None, None, None
+        return grad * grad_total, None, None, None, None, None, None
 
 
-def circle_from(s: Similarities, margin: float, gamma: float) -> torch.Tensor:
-    """Circle term with one positive per anchor: softplus(lse_n + lse_p) equals the
-    cross-entropy of the positive's logit among all logits of the row. Scalar."""
-    return F.cross_entropy(circle_logits(s, margin, gamma), s.pos)
+def _circle_parts(s: Similarities, margin: float, gamma: float
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Circle alpha (detached) and logits, both (R, C), unmasked: alpha * gamma is the
+    derivative of each logit w.r.t. its similarity. Same values as `circle_logits`.
+
+    Negatives: alpha_n = relu(s + m) and gamma * alpha_n * (s - m) = gamma * alpha_n *
+    (alpha_n - 2m) (equal where s >= -m, and both 0 where alpha_n = 0), which builds the
+    logits from alpha in two passes over the matrix. The one positive per row,
+    gamma * relu(1 + m - s_p) * (s_p - (1 - m)), is then scattered in: no (R, C)
+    positive mask, no where() over the matrix."""
+    idx = s.pos[:, None]
+    s_pos = s.sim.gather(1, idx)
+    alpha = (s.sim + margin).clamp_(min=0.0)
+    logits = torch.addcmul(alpha * (-2.0 * margin * gamma), alpha, alpha, value=gamma)
+    alpha_p = (1.0 + margin - s_pos).clamp_(min=0.0)
+    alpha.scatter_(1, idx, alpha_p)
+    logits.scatter_(1, idx, gamma * alpha_p * (s_pos - (1.0 - margin)))
+    return alpha, logits
+
+
+def _softmax_ce(logits: torch.Tensor, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Softmax of each row and the mean cross-entropy of the positives. Shapes: logits
+    (R, C) with -inf at non-candidates, idx (R, 1) the positives' columns -> (R, C), scalar.
+
+    The loss is lse - x_pos with lse recovered from the softmax itself instead of a second
+    reduction: at the row maximum the probability is exp(max - lse), so
+    lse = max - log(max prob). That probability is at least 1/C, so the log never sees an
+    underflowed 0 (log of the positive's own probability could: large gamma, bad pair)."""
+    prob = F.softmax(logits, dim=1)
+    lse = logits.amax(dim=1) - prob.amax(dim=1).log()
+    return prob, (lse - logits.gather(1, idx).squeeze(1)).mean()
 
 
 def info_nce(z1: torch.Tensor, z2: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -209,8 +308,11 @@ def sec_loss(z: torch.Tensor, mu: torch.Tensor | float | None = None) -> torch.T
         Scalar. Its gradient w.r.t. z_i is purely radial: (2/M)(n_i - mu) z_i / n_i.
     """
     norms = z.float().norm(dim=1)
-    if mu is None:
-        mu = norms.detach().mean()
+    return _sec_from_norms(norms, norms.detach().mean() if mu is None else mu)
+
+
+def _sec_from_norms(norms: torch.Tensor, mu: torch.Tensor | float) -> torch.Tensor:
+    """SEC from the embeddings' norms (M,), computed once per step by the Objective."""
     return (norms - mu).pow(2).mean()
 
 
@@ -265,18 +367,15 @@ class Objective(nn.Module):
         `diagnostics=False` skips the monitoring statistics (the loop asks for them only on
         the steps it logs, keeping them out of the hot path)."""
         cfg = self.cfg
-        losses: dict[str, torch.Tensor] = {}
-        total = s.sim.new_zeros(())
-        if cfg.w_infonce > 0:
-            losses["infonce"] = info_nce_from(s, cfg.temperature)
-            total = total + cfg.w_infonce * losses["infonce"]
-        if cfg.w_circle > 0:
-            losses["circle"] = circle_from(s, cfg.circle_margin, cfg.circle_gamma)
-            total = total + cfg.w_circle * losses["circle"]
+        # InfoNCE and Circle in one fused pass over the matrix; their values come back
+        # detached for logging, the gradient flows through `total`.
+        total, losses = contrastive_losses(
+            s, cfg.temperature, cfg.w_infonce, (cfg.circle_margin, cfg.circle_gamma),
+            cfg.w_circle)
         eta = sec_weight(cfg.sec_eta, cfg.sec_ramp, progress)
         norms = sec_input.float().norm(dim=1)
         if cfg.sec_eta > 0:
-            losses["sec"] = sec_loss(sec_input, self._sec_mu(norms))
+            losses["sec"] = _sec_from_norms(norms, self._sec_mu(norms))
             total = total + eta * losses["sec"]
         losses["total"] = total
         diag: dict[str, torch.Tensor] = {}
