@@ -31,6 +31,7 @@ from common import ROOT, write_result  # noqa: E402
 
 from ssl_sec.checkpoint import load_checkpoint  # noqa: E402
 from ssl_sec.config import from_dict, load_recipe  # noqa: E402
+from ssl_sec.cpu_memory import keep_freed_memory  # noqa: E402
 from ssl_sec.engine import build_augment, build_model, knn_monitor, load_splits, train  # noqa: E402
 from ssl_sec.evaluation.knn import knn_evaluate  # noqa: E402
 
@@ -43,6 +44,7 @@ def main() -> None:
     ap.add_argument("--checkpoint", default=None, help="score this quick-start run instead")
     ap.add_argument("overrides", nargs="*")
     args = ap.parse_args()
+    keep_freed_memory()  # as the ssl-sec command does at start-up
     with tempfile.TemporaryDirectory() as tmp:
         if args.checkpoint:
             ckpt = Path(tmp) / "qs.pt"

@@ -22,6 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import write_result  # noqa: E402
 
 from ssl_sec.config import load_recipe  # noqa: E402
+from ssl_sec.cpu_memory import keep_freed_memory  # noqa: E402
 from ssl_sec.data import load_cifar  # noqa: E402
 from ssl_sec.engine import build_augment, build_model, make_views, optimize_step  # noqa: E402
 from ssl_sec.optim import build_optimizer  # noqa: E402
@@ -34,6 +35,7 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
+    keep_freed_memory()  # as the ssl-sec command does at start-up
     cfg = load_recipe(args.recipe, ["device=cpu"] + ([f"optim.batch_size={args.batch}"]
                                                     if args.batch else []))
     device = torch.device("cpu")

@@ -142,8 +142,10 @@ def contrastive_losses(s: Similarities, temperature: float = 0.2, w_infonce: flo
     if not names:
         return s.sim.new_zeros(()), {}
     margin, gamma = circle if weights["circle"] > 0 else (0.0, 0.0)
-    total, values = _ContrastiveCE.apply(s.sim, s, temperature, weights["infonce"], margin,
-                                         gamma, weights["circle"])
+    # Float32 math even inside a bf16 autocast region (the softmax of large logits).
+    with torch.autocast(s.sim.device.type, enabled=False):
+        total, values = _ContrastiveCE.apply(s.sim, s, temperature, weights["infonce"],
+                                             margin, gamma, weights["circle"])
     return total, dict(zip(names, values))
 
 
@@ -214,18 +216,19 @@ class _ContrastiveCE(torch.autograd.Function):
 
 def _circle_parts(s: Similarities, margin: float, gamma: float
                   ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Circle alpha (detached) and logits, both (R, C), unmasked: alpha * gamma is the
+    """Circle alpha (detached) and logits, both (R, C), unmasked: gamma * alpha is the
     derivative of each logit w.r.t. its similarity. Same values as `circle_logits`.
 
-    Negatives: alpha_n = relu(s + m) and gamma * alpha_n * (s - m) = gamma * alpha_n *
-    (alpha_n - 2m) (equal where s >= -m, and both 0 where alpha_n = 0), which builds the
-    logits from alpha in two passes over the matrix. The one positive per row,
-    gamma * relu(1 + m - s_p) * (s_p - (1 - m)), is then scattered in: no (R, C)
-    positive mask, no where() over the matrix."""
+    Negatives: with c = max(s, -m), alpha_n = relu(s + m) = c + m and the logit
+    gamma * alpha_n * (s - m) = gamma * (c^2 - m^2) (equal where s >= -m, both 0 where
+    s < -m), which needs a handful of cheap passes over the matrix and no multiply of two
+    (R, C) tensors. The one positive per row, gamma * relu(1 + m - s_p) * (s_p - (1 - m)),
+    is then scattered in: no (R, C) positive mask, no where() over the matrix."""
     idx = s.pos[:, None]
     s_pos = s.sim.gather(1, idx)
-    alpha = (s.sim + margin).clamp_(min=0.0)
-    logits = torch.addcmul(alpha * (-2.0 * margin * gamma), alpha, alpha, value=gamma)
+    alpha = s.sim.clamp(min=-margin)                                   # c
+    logits = torch.mul(alpha, alpha).mul_(gamma).sub_(gamma * margin * margin)
+    alpha.add_(margin)                                                 # alpha_n = c + m
     alpha_p = (1.0 + margin - s_pos).clamp_(min=0.0)
     alpha.scatter_(1, idx, alpha_p)
     logits.scatter_(1, idx, gamma * alpha_p * (s_pos - (1.0 - margin)))
@@ -307,13 +310,28 @@ def sec_loss(z: torch.Tensor, mu: torch.Tensor | float | None = None) -> torch.T
     Returns:
         Scalar. Its gradient w.r.t. z_i is purely radial: (2/M)(n_i - mu) z_i / n_i.
     """
-    norms = z.float().norm(dim=1)
-    return _sec_from_norms(norms, norms.detach().mean() if mu is None else mu)
+    z = z.float()
+    norms = z.detach().norm(dim=1)
+    return _SecLoss.apply(z, norms, norms.mean() if mu is None else mu)
 
 
-def _sec_from_norms(norms: torch.Tensor, mu: torch.Tensor | float) -> torch.Tensor:
-    """SEC from the embeddings' norms (M,), computed once per step by the Objective."""
-    return (norms - mu).pow(2).mean()
+class _SecLoss(torch.autograd.Function):
+    """mean_i (n_i - mu)^2 from z (M, d) and its row norms n (M,), computed once per step
+    and passed in detached; mu is a constant. The gradient has the closed form
+    d/dz_i = (2/M)(n_i - mu) z_i / n_i (0 for a zero row): one pass over z in backward
+    instead of autograd's norm, subtraction, power and mean nodes."""
+
+    @staticmethod
+    def forward(ctx, z: torch.Tensor, norms: torch.Tensor, mu: torch.Tensor | float):
+        dev = norms - mu
+        ctx.save_for_backward(z, norms, dev)
+        return dev.square().mean()
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        z, norms, dev = ctx.saved_tensors
+        scale = torch.where(norms > 0, dev / norms, 0.0) * (2.0 / norms.shape[0]) * grad
+        return z * scale[:, None], None, None
 
 
 def sec_weight(eta: float, ramp: str, progress: float) -> float:
@@ -373,16 +391,17 @@ class Objective(nn.Module):
             s, cfg.temperature, cfg.w_infonce, (cfg.circle_margin, cfg.circle_gamma),
             cfg.w_circle)
         eta = sec_weight(cfg.sec_eta, cfg.sec_ramp, progress)
-        norms = sec_input.float().norm(dim=1)
+        sec_input = sec_input.float()
+        norms = sec_input.detach().norm(dim=1)
         if cfg.sec_eta > 0:
-            losses["sec"] = _sec_from_norms(norms, self._sec_mu(norms))
+            losses["sec"] = _SecLoss.apply(sec_input, norms, self._sec_mu(norms))
             total = total + eta * losses["sec"]
         losses["total"] = total
         diag: dict[str, torch.Tensor] = {}
         if diagnostics:
-            diag = _diagnostics(s, embeddings, norms.detach())
+            diag = _diagnostics(s, embeddings, norms)
             diag["sec_weight"] = s.sim.new_tensor(eta)
-        return Terms(losses, diag, norms.detach())
+        return Terms(losses, diag, norms)
 
 
 @torch.no_grad()
