@@ -91,13 +91,32 @@ def main() -> None:
                        f"{mem[mth]['peak_delta_mib']:.0f} | {mem[mth]['within_budget']} | {mis} |")
         out += ["", where(d) + ".", ""]
 
+    if d := load("knn_bf16_probe_cpu"):
+        sec, cand = d["seconds_all_queries"], d["candidates_needed"]
+        out += ["### Why the exact CPU kNN stops near 1.3x: cost of each stage of a bf16 search", "",
+                cmd(d), "",
+                "Same data; every stage timed over all queries. An exact answer from a bf16 product must "
+                f"re-score every bank vector within 2 x {d['bf16_error_bound']:.4f} (the bf16 error bound for "
+                f"unit vectors) of the k-th: median {cand['median']:.0f}, 90th percentile {cand['p90']:.0f} "
+                "per query here.", "",
+                "| stage | seconds |", "| --- | --- |",
+                *[f"| {k} | {v:.2f} |" for k, v in sec.items()], "", where(d) + ".", ""]
+
     if d := load("objective_cpu"):
-        ms, r = d["milliseconds_median"], d["ratio_vs_infonce"]
+        ms, r, pf = d["milliseconds_median"], d["ratio_vs_infonce"], d["page_faults_per_call"]
+        gd = d["glibc_default"]
         out += ["## Objective cost (issue 3; target <= 1.3x)", "", cmd(d), "",
                 f"N={d['settings']['n']}, d={d['settings']['d']}, forward + backward of the similarities "
-                "and every term (monitoring diagnostics excluded: the loop computes them on logged steps only).", "",
-                "| objective | ms | vs InfoNCE |", "| --- | --- | --- |",
-                *[f"| {k} | {ms[k]:.2f} | {r[k]:.3f}x |" for k in ms], "", where(d) + ".", ""]
+                "and every term (monitoring diagnostics excluded: the loop computes them on logged steps only); "
+                f"medians of {d['settings']['repeats']} blocks of {d['settings']['block']} calls, the variants "
+                "rotated. First column: with the malloc settings the `ssl-sec` command applies at start-up "
+                "(`ssl_sec/cpu_memory.py`); last column: the same measurement in a child process with glibc's "
+                "defaults, where most of the cost of each extra temporary is page faults.", "",
+                "| objective | ms | vs InfoNCE | page faults / call | glibc defaults: ms, vs InfoNCE, page faults |",
+                "| --- | --- | --- | --- | --- |",
+                *[f"| {k} | {ms[k]:.2f} | **{r[k]:.3f}x** | {pf[k]:.1f} | "
+                  f"{gd['milliseconds_median'][k]:.2f}, {gd['ratio_vs_infonce'][k]:.3f}x, "
+                  f"{gd['page_faults_per_call'][k]:.0f} |" for k in ms], "", where(d) + ".", ""]
 
     if d := load("circle_sweep_cpu"):
         out += ["## Circle margin / gamma sweep (issue 3)", "", cmd(d), "",

@@ -86,8 +86,8 @@ def queue_similarities(q: torch.Tensor, k: torch.Tensor, queue: torch.Tensor) ->
 
 def info_nce_from(s: Similarities, temperature: float) -> torch.Tensor:
     """Cross-entropy of each anchor's positive among its valid candidates, logits s / T.
-    Scalar (mean over anchors). Computed in log-softmax form, never log(pos / (pos + neg))
-    on raw exponentials (overflow, lost precision)."""
+    Scalar (mean over anchors). Computed as log-sum-exp minus the positive's logit, never
+    log(pos / (pos + neg)) on raw exponentials (overflow, lost precision)."""
     return contrastive_losses(s, temperature=temperature)[0]
 
 
