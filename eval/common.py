@@ -75,7 +75,10 @@ def run_training(recipe: str, overrides: list[str], out_dir: str | Path, name: s
     import io
 
     from ssl_sec.config import load_recipe
+    from ssl_sec.cpu_memory import keep_freed_memory
     from ssl_sec.engine import train
+
+    keep_freed_memory()  # as the ssl-sec command does at start-up
 
     cfg = load_recipe(ROOT / recipe, [*overrides, f"out_dir={out_dir}", f"name={name}"])
     buf = io.StringIO()
