@@ -96,10 +96,11 @@ class LossConfig:
     sec_momentum: float = 0.1
     # "projector" (z, default) or "backbone" (pooled features h).
     sec_on: str = "projector"
-    # Circle-style term (issue 3).
+    # Circle-style term (issue 3). margin / gamma: the best mean over 3 seeds of the sweep
+    # in eval/sweep_circle.py (eval/RESULTS.md), as in the recipes.
     w_circle: float = 0.0
-    circle_margin: float = 0.25
-    circle_gamma: float = 16.0
+    circle_margin: float = 0.4
+    circle_gamma: float = 4.0
 
 
 @dataclass

@@ -5,8 +5,8 @@ block of a few MiB at the top of the heap is returned to the kernel (trimmed) an
 step's block of the same size is faulted in again, page by page. A training step frees and
 re-allocates the same few dozen tensors every iteration, so on the CPU this costs thousands
 of page faults per step: measured on the fused objective at N=512 (eval/bench_objective.py),
-4,500 page faults per forward + backward with the defaults and under 10 with the settings
-below, and 17% off a full quick-start training step. PyTorch's CPU performance guides point
+about 4,400 page faults per forward + backward with the defaults and under 10 with the
+settings below; a full quick-start training step took 1.46 s vs 1.21 s (eval/bench_step.py). PyTorch's CPU performance guides point
 at the same cause (they suggest preloading jemalloc or tcmalloc); glibc's own knobs fix it
 without another library.
 
