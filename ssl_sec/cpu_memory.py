@@ -6,7 +6,7 @@ step's block of the same size is faulted in again, page by page. A training step
 re-allocates the same few dozen tensors every iteration, so on the CPU this costs thousands
 of page faults per step: measured on the fused objective at N=512 (eval/bench_objective.py),
 about 4,400 page faults per forward + backward with the defaults and under 10 with the
-settings below; a full quick-start training step took 1.46 s vs 1.21 s (eval/bench_step.py). PyTorch's CPU performance guides point
+settings below. PyTorch's CPU performance guides point
 at the same cause (they suggest preloading jemalloc or tcmalloc); glibc's own knobs fix it
 without another library.
 

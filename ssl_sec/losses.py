@@ -13,7 +13,7 @@ so the similarities are computed once per step.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
@@ -173,7 +173,7 @@ class _ContrastiveCE(torch.autograd.Function):
                 margin: float, gamma: float, w_circle: float):
         if sim.dtype in (torch.float16, torch.bfloat16):
             sim = sim.float()  # float32 math whatever autocast produced
-        s = Similarities(sim, s.pos, s.self_col, s.valid)
+        s = replace(s, sim=sim)
         idx = s.pos[:, None]
         rows = sim.shape[0]
         need_grad = ctx.needs_input_grad[0]

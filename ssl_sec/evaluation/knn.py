@@ -30,6 +30,7 @@ import warnings
 import numpy as np
 import torch
 
+from ssl_sec.config import EvalConfig
 from ssl_sec.errors import ConfigError
 
 BACKENDS = ("auto", "torch", "faiss")
@@ -369,7 +370,8 @@ def _check_inputs(
 
 
 def knn_evaluate(train_feats: torch.Tensor, train_labels: torch.Tensor,
-                 test_feats: torch.Tensor, test_labels: torch.Tensor, eval_cfg) -> dict[str, float]:
+                 test_feats: torch.Tensor, test_labels: torch.Tensor,
+                 eval_cfg: EvalConfig) -> dict[str, float]:
     """Top-1/top-5 of weighted kNN with the recipe's `eval.*` settings (k, T, backend,
     memory budget): the one routine behind the training monitor and `ssl-sec knn`.
 
