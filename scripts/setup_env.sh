@@ -1,3 +1,4 @@
+# shellcheck shell=bash
 # Sourced by the other scripts: make ./.venv with ssl_sec installed (editable) and
 # point SSL_SEC_DATA at ../shared/data when it exists and nothing else was chosen.
 set -euo pipefail
@@ -10,5 +11,6 @@ fi
 # pip resolves torch and torchvision together (PyPI's torchvision wheels need PyPI's torch).
 .venv/bin/python -m pip install --quiet --disable-pip-version-check -e ".${EXTRAS}"
 if [ -z "${SSL_SEC_DATA:-}" ] && [ -d ../shared/data/cifar-10-batches-py ]; then
-  export SSL_SEC_DATA="$(cd ../shared/data && pwd)"
+  SSL_SEC_DATA="$(cd ../shared/data && pwd)"
+  export SSL_SEC_DATA
 fi

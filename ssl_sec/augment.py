@@ -2,69 +2,64 @@
 
 Every pipeline takes a uint8 batch ``(B, 3, H, W)`` (as the datasets in :mod:`ssl_sec.data` hold
 it) and returns normalised float32 views in ``channels_last`` memory format, on the input's device.
-The uint8 -> float conversion is ``x.float().div_(255)``: Kornia's ops expect float input in
-``[0, 1]`` (uint8 input would be silently wrong, not rejected, for several of them).
 
-Every random parameter is drawn per sample (``same_on_batch=False``), unlike torchvision
-transforms applied to a batched tensor, which use one crop for the whole batch.
+Why the orchestration is written here and not taken from ``kornia.augmentation``: a training step
+must not wait for the host. Kornia's augmentation containers read device values back on every
+call (a boolean-mask gather of the samples an op applies to, ``ColorJitter``'s step order via
+``.tolist()`` and ``.any()`` checks, the blur's sigma check), so each view costs several host
+syncs and the GPU idles between kernels. Here every random parameter is drawn on the batch's
+device with a fixed number of draws per call, and each op is applied to the whole batch and
+selected per sample with ``torch.where`` (on CUDA) or applied to the chosen rows only (on the
+CPU, where compute is scarce and a sync is free). The pixel math of the colour steps is
+Kornia's functional ``kornia.enhance`` (torchvision's formulas); crop, flip, blur and solarize
+are a few lines of torch. Tests compare every op with torchvision's functional reference and
+both scheduling strategies with each other.
 
-Kornia 0.9 semantics this module relies on (read from ``kornia/augmentation`` in the installed
-0.9.0; re-check them when upgrading):
+Semantics (SimCLR, Chen et al. 2020, appendix A; torchvision transforms):
 
-* ``RandomResizedCrop(p=...)`` gates the whole *batch* (``p`` is passed as ``p_batch``); we always
-  use ``p=1``. The crop is drawn per sample as in torchvision's ``get_params`` (10 tries, then a
-  fallback). Default ``align_corners=True``; we pass ``False`` (the half-pixel grid of PIL/torchvision).
-* ``ColorJitter`` (not ``ColorJiggle``) uses torchvision's formulas: brightness multiplies by the
-  factor, contrast/saturation blend with the grey mean/grey image, hue is torchvision's shift, a
-  scalar ``s`` draws from ``[max(0, 1 - s), 1 + s]`` (hue from ``[-s, s]``). The factors are drawn
-  per sample, but the *order* of the four steps is one random permutation per call (torchvision
-  draws it per image), and the input and output are clamped to ``[0, 1]``.
-* ``RandomGrayscale`` defaults to ``p=0.1`` and ``RandomGaussianBlur`` to ``p=0.5``: we always pass
-  ``p`` explicitly. Greyscale uses the ITU-R 601 weights (0.299, 0.587, 0.114), as torchvision.
-* ``RandomSolarize(thresholds, additions)``: a scalar means a range *around a centre* (``0.1`` ->
-  thresholds in ``[0.4, 0.6]``, additions in ``[-0.1, 0.1]``). A fixed threshold ``t`` is the pair
-  ``(t, t)``; ``additions=0`` is needed or the op also shifts brightness. Pixels ``>= t`` are
-  inverted (``torch.where(x < t, x, 1 - x)``), as in torchvision.
-
-Where Kornia 0.9 samples the random parameters (``random_generator/base.py``, ``augmentation/base.py``):
-it does NOT follow the input's device. Each op samples on the device its samplers were built for:
-CPU at construction, changed only by ``module.to(device)`` (``_apply`` re-creates the samplers) or
-``set_rng_device_and_dtype``. Without that, a CUDA batch gets CPU-drawn parameters that are copied
-over. Some generators also move their output to the device of their *range arguments*
-(``ResizedCropGenerator`` and ``PlainUniformGenerator`` call ``_extract_device_dtype`` on the ranges,
-which is the default device, CPU, for Python floats). :class:`ViewAugment` therefore (re)builds its
-ops for the device of the first batch it sees, passes the crop scale and the solarize ranges as
-tensors on that device and sets every op's sampler device, so all per-sample parameters are drawn
-on the input's device. What remains on the host: ``ColorJitter``'s step order
-(``torch.randperm(4)`` on the CPU, read with ``.tolist()``) and its "skip a step whose factors are
-all neutral" checks (``.any()`` in a Python ``if``, four device->host syncs per call on a GPU).
+* RandomResizedCrop: torchvision's ``get_params`` (10 tries of area in ``scale`` x image area and
+  log-uniform aspect ratio, integer box, else the centre-crop fallback), resized bilinearly with
+  half-pixel centres and no antialiasing (``interpolate(..., align_corners=False)`` of the crop:
+  samples never reach outside the box). Horizontal flip is folded into the same warp.
+* Colour jitter (p = ``jitter_p``): brightness, contrast, saturation factors from
+  ``[max(0, 1 - s), 1 + s]``, hue from ``[-h, h]``, applied in a random order drawn per sample
+  (as torchvision does per image), each step clamped to ``[0, 1]``.
+* Greyscale: ITU-R 601 weights (0.299, 0.587, 0.114), replicated to 3 channels.
+* Gaussian blur: kernel side ``blur_kernel_frac * size`` (odd, >= 3), sigma per sample from
+  ``blur_sigma``, reflect padding, separable.
+* Solarize: pixels ``>= threshold`` inverted, nothing added.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
-import kornia.augmentation as K
 import torch
 import torch.nn.functional as F
+from kornia.color import rgb_to_grayscale
+from kornia.enhance import (
+    adjust_brightness_accumulative,
+    adjust_contrast_with_mean_subtraction,
+    adjust_hue,
+    adjust_saturation_with_gray_subtraction,
+)
 from torch import nn
 
 from ssl_sec.errors import ConfigError
 
 __all__ = [
     "ViewAugment",
+    "ViewParams",
     "EvalTransform",
     "LinearTrainAugment",
     "make_views",
     "preview_grid",
+    "sample_crop_boxes",
+    "resized_crop",
     "to_unit_float",
 ]
-
-# Kornia's "slice" crop reads every box back to Python and resizes each sample on its own
-# (B small interpolate calls plus a host sync); "resample" is one batched warp. Measured on CPU
-# with CIFAR batches of 512 (eval/bench_augment.py) the warp is several times faster.
-_CROP_MODE = "resample"
 
 
 def to_unit_float(images: torch.Tensor) -> torch.Tensor:
@@ -72,11 +67,15 @@ def to_unit_float(images: torch.Tensor) -> torch.Tensor:
 
     Shape: ``(B, 3, H, W)`` -> ``(B, 3, H, W)``.
     """
+    _check_uint8(images)
+    return images.float().div_(255)
+
+
+def _check_uint8(images: torch.Tensor) -> None:
     if images.dtype != torch.uint8:
         raise TypeError(f"expected a uint8 image batch, got dtype {images.dtype}")
     if images.ndim != 4 or images.shape[1] != 3:
         raise ValueError(f"expected a (B, 3, H, W) batch, got shape {tuple(images.shape)}")
-    return images.float().div_(255)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -151,16 +150,165 @@ class _Normalize(nn.Module):
         return torch.mul(torch.sub(x, mean, out=out), inv_std, out=out)
 
 
-def _kornia_ops(module: nn.Module) -> list[K.AugmentationBase2D]:
-    return [m for m in module.modules() if isinstance(m, K.AugmentationBase2D)]
+# ---------------------------------------------------------------------------------------------
+# sampling: every draw on the batch's device, a fixed number of draws per call
+# ---------------------------------------------------------------------------------------------
+
+
+def _uniform(shape: tuple[int, ...], low: float, high: float, device: torch.device) -> torch.Tensor:
+    return torch.rand(shape, device=device).mul_(high - low).add_(low)
+
+
+def _centre_fallback(height: int, width: int, ratio: tuple[float, float]) -> tuple[int, int]:
+    """torchvision's box when no try fits: the whole image, cut to the nearest allowed ratio."""
+    in_ratio = width / height
+    if in_ratio < ratio[0]:
+        return width, int(round(width / ratio[0]))
+    if in_ratio > ratio[1]:
+        return int(round(height * ratio[1])), height
+    return width, height
+
+
+def sample_crop_boxes(n: int, height: int, width: int, scale: tuple[float, float],
+                      ratio: tuple[float, float], device: torch.device,
+                      tries: int = 10) -> torch.Tensor:
+    """RandomResizedCrop boxes with torchvision's ``get_params`` semantics, vectorised.
+
+    For each sample: up to ``tries`` draws of an area fraction ``U(scale)`` and a log-uniform
+    aspect ratio; the first whose rounded ``(w, h)`` fits the image wins and its corner is
+    uniform over the valid positions; if none fits, the centre crop of ``_centre_fallback``.
+    All tries are drawn at once (no data-dependent loop, no host sync).
+
+    Returns: ``(n, 4)`` float32 ``[top, left, h, w]`` (integers), on ``device``.
+    """
+    area = float(height * width)
+    target = _uniform((n, tries), scale[0] * area, scale[1] * area, device)
+    aspect = _uniform((n, tries), math.log(ratio[0]), math.log(ratio[1]), device).exp_()
+    w = torch.sqrt(target * aspect).round_()
+    h = torch.sqrt(target / aspect).round_()
+    fits = (w > 0) & (w <= width) & (h > 0) & (h <= height)
+    first = fits.to(torch.uint8).argmax(dim=1, keepdim=True)  # index of the first fit
+    found = fits.any(dim=1)
+    fw, fh = _centre_fallback(height, width, ratio)
+    w = torch.where(found, w.gather(1, first).squeeze(1), float(fw))
+    h = torch.where(found, h.gather(1, first).squeeze(1), float(fh))
+    corner = torch.rand((n, 2), device=device)
+    top = torch.minimum((corner[:, 0] * (height - h + 1)).floor_(), height - h)
+    left = torch.minimum((corner[:, 1] * (width - w + 1)).floor_(), width - w)
+    top = torch.where(found, top, ((height - h) / 2).floor())
+    left = torch.where(found, left, ((width - w) / 2).floor())
+    return torch.stack([top, left, h, w], dim=1)
+
+
+def _source_coords(start: torch.Tensor, length: torch.Tensor, size: int, extent: int
+                   ) -> torch.Tensor:
+    """grid_sample coordinates (align_corners=False) of ``size`` outputs resampled from the
+    pixels ``[start, start + length)`` of an axis of ``extent`` pixels. Shape (B,) -> (B, size).
+
+    ``interpolate(bilinear, align_corners=False)`` reads source position
+    ``(i + 0.5) * length / size - 0.5``, clamped to ``[0, length - 1]``: the crop's own pixels
+    only. The same clamp here keeps the warp of the full image from blending in neighbours."""
+    i = torch.arange(size, device=start.device, dtype=torch.float32) + 0.5
+    src = (i[None, :] * (length / size)[:, None] - 0.5)
+    src = torch.minimum(src.clamp_(min=0.0), (length - 1)[:, None]) + start[:, None]
+    return src.mul_(2.0 / extent).add_(1.0 / extent - 1.0)
+
+
+def resized_crop(x: torch.Tensor, boxes: torch.Tensor, size: int,
+                 flip: torch.Tensor | None = None) -> torch.Tensor:
+    """Crop each sample's box and resize it to ``size x size`` (bilinear), optionally mirrored,
+    in one batched warp.
+
+    Shape: x ``(B, C, H, W)`` float, boxes ``(B, 4)`` ``[top, left, h, w]``, flip ``(B,)`` bool
+    -> ``(B, C, size, size)``.
+    """
+    height, width = x.shape[-2:]
+    top, left, h, w = boxes.unbind(1)
+    gx = _source_coords(left, w, size, width)
+    gy = _source_coords(top, h, size, height)
+    if flip is not None:
+        gx = torch.where(flip[:, None], gx.flip(1), gx)
+    grid = torch.stack(torch.broadcast_tensors(gx[:, None, :], gy[:, :, None]), dim=-1)
+    return F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
+
+
+def _gaussian_blur(x: torch.Tensor, sigma: torch.Tensor, kernel: int) -> torch.Tensor:
+    """Separable Gaussian blur with one sigma per sample, reflect padding.
+
+    Shape: x ``(B, C, H, W)``, sigma ``(B,)`` -> ``(B, C, H, W)``. One grouped convolution per
+    axis (a kernel per sample and channel); kornia's ``gaussian_blur2d`` reads the sigmas back
+    to check them, a host sync on the GPU."""
+    b, c, height, width = x.shape
+    t = torch.arange(kernel, device=x.device, dtype=x.dtype) - kernel // 2
+    taps = torch.exp(-(t[None, :] ** 2) / (2.0 * sigma[:, None].to(x.dtype) ** 2))
+    taps = (taps / taps.sum(1, keepdim=True)).repeat_interleave(c, dim=0)  # (B*C, k)
+    r = kernel // 2
+    y = F.pad(x.reshape(1, b * c, height, width), (r, r, r, r), mode="reflect")
+    y = F.conv2d(y, taps.view(b * c, 1, 1, kernel), groups=b * c)
+    y = F.conv2d(y, taps.view(b * c, 1, kernel, 1), groups=b * c)
+    return y.view(b, c, height, width)
+
+
+def _hue_turns(x: torch.Tensor, turns: torch.Tensor) -> torch.Tensor:
+    return adjust_hue(x, turns * (2 * math.pi))
+
+
+def _solarize(x: torch.Tensor, threshold: float) -> torch.Tensor:
+    return torch.where(x >= threshold, 1.0 - x, x)
+
+
+# The colour-jitter steps in torchvision's order of factors (brightness, contrast, saturation,
+# hue); which one runs at each of the four positions is drawn per sample.
+_JITTER_STEPS: tuple[Callable[[torch.Tensor, torch.Tensor], torch.Tensor], ...] = (
+    adjust_brightness_accumulative,
+    adjust_contrast_with_mean_subtraction,
+    adjust_saturation_with_gray_subtraction,
+    _hue_turns,
+)
+
+
+def _where_rows(chosen: torch.Tensor, fn: Callable[..., torch.Tensor], x: torch.Tensor,
+                *args: torch.Tensor, sync_free: bool) -> torch.Tensor:
+    """``fn(x, *args)`` for the rows where ``chosen`` (B,) is True, ``x`` elsewhere.
+
+    sync_free: compute ``fn`` on every row and select (no host sync: the GPU strategy), or
+    gather the chosen rows, compute on those only and scatter back (the CPU strategy: it
+    reads ``chosen`` on the host, which costs nothing there). Same values either way."""
+    if sync_free:
+        return torch.where(chosen.view(-1, 1, 1, 1), fn(x, *args), x)
+    idx = chosen.nonzero().squeeze(1)
+    if idx.numel() == 0:
+        return x
+    return x.index_copy(0, idx, fn(x.index_select(0, idx), *(a.index_select(0, idx) for a in args)))
+
+
+@dataclass
+class ViewParams:
+    """One view's random parameters, one row per sample (all on the batch's device).
+
+    boxes (B, 4) crop ``[top, left, h, w]``; flip (B,) bool; jitter (B,) bool;
+    factors (B, 4) brightness, contrast, saturation, hue (in turns); order (B, 4) the step
+    index at each position; gray, blur, solarize (B,) bool; sigma (B,) blur sigma.
+    Ops that the pipeline does not include are None.
+    """
+
+    boxes: torch.Tensor
+    flip: torch.Tensor | None = None
+    jitter: torch.Tensor | None = None
+    factors: torch.Tensor | None = None
+    order: torch.Tensor | None = None
+    gray: torch.Tensor | None = None
+    blur: torch.Tensor | None = None
+    sigma: torch.Tensor | None = None
+    solarize: torch.Tensor | None = None
 
 
 class ViewAugment(nn.Module):
     """One random SimCLR view per sample: uint8 batch in, normalised float32 view out.
 
-    Order (SimCLR, Chen et al. 2020, appendix A): RandomResizedCrop -> horizontal flip ->
-    colour jitter (p=``jitter_p``) -> greyscale (p=``gray_p``) -> [Gaussian blur] -> [solarize]
-    -> normalise. An op whose probability is 0 is not constructed at all, so it costs nothing.
+    Order (SimCLR appendix A): RandomResizedCrop -> horizontal flip -> colour jitter
+    (p=``jitter_p``) -> greyscale (p=``gray_p``) -> [Gaussian blur] -> [solarize] -> normalise.
+    An op whose probability is 0 is skipped entirely and draws no random numbers.
 
     Args (all keyword-only, plain values so the config layer can pass them through):
         size: output side length.
@@ -176,6 +324,8 @@ class ViewAugment(nn.Module):
         solarize_p, solarize_threshold: solarisation (BYOL's second view); pixels >= threshold
             are inverted and no brightness is added.
         mean, std: per-channel normalisation in [0, 1] scale (see ``ssl_sec.data.NORMALIZATION``).
+        sync_free: how per-sample ops are applied (see ``_where_rows``); None picks the
+            sync-free strategy on CUDA and the row-gather one elsewhere.
 
     Shape: ``(B, 3, H, W)`` uint8 -> ``(B, 3, size, size)`` float32, channels_last, same device.
     """
@@ -200,6 +350,7 @@ class ViewAugment(nn.Module):
         blur_kernel_frac: float = 0.1,
         solarize_p: float = 0.0,
         solarize_threshold: float = 0.5,
+        sync_free: bool | None = None,
     ) -> None:
         super().__init__()
         o = "ViewAugment"
@@ -208,17 +359,18 @@ class ViewAugment(nn.Module):
         self.crop_ratio = _range(o, "crop_ratio", crop_ratio, 0.0, math.inf)
         self.hflip_p = _prob(o, "hflip_p", hflip_p)
         self.jitter_p = _prob(o, "jitter_p", jitter_p)
-        self.brightness = _nonneg(o, "brightness", brightness)
-        self.contrast = _nonneg(o, "contrast", contrast)
-        self.saturation = _nonneg(o, "saturation", saturation)
-        self.hue = _nonneg(o, "hue", hue, upper=0.5)
+        self.strengths = (
+            _nonneg(o, "brightness", brightness),
+            _nonneg(o, "contrast", contrast),
+            _nonneg(o, "saturation", saturation),
+            _nonneg(o, "hue", hue, upper=0.5),
+        )
         self.gray_p = _prob(o, "gray_p", gray_p)
         self.blur_p = _prob(o, "blur_p", blur_p)
         self.blur_sigma = _range(o, "blur_sigma", blur_sigma, 0.0, math.inf)
         frac = _nonneg(o, "blur_kernel_frac", blur_kernel_frac, upper=1.0)
         if frac == 0.0:
             raise ConfigError(f"{o}: blur_kernel_frac must be in (0, 1], got {blur_kernel_frac!r}")
-        self.blur_kernel_frac = frac
         kernel = max(3, round(frac * self.size))
         self.blur_kernel = kernel + 1 if kernel % 2 == 0 else kernel
         self.solarize_p = _prob(o, "solarize_p", solarize_p)
@@ -226,68 +378,67 @@ class ViewAugment(nn.Module):
         self.mean = _stats(o, "mean", mean, positive=False)
         self.std = _stats(o, "std", std, positive=True)
         self.normalize = _Normalize(self.mean, self.std)
-        self._device = torch.device("cpu")
-        self.ops = self._build(self._device)
+        self.sync_free = sync_free
 
-    def _build(self, device: torch.device) -> nn.Sequential:
-        # Ranges that Kornia uses to decide where the parameters end up are given as tensors on
-        # ``device`` (see the module docstring); everything else is a Python number.
-        def on(pair: tuple[float, float]) -> torch.Tensor:
-            return torch.tensor(pair, device=device, dtype=torch.float32)
+    @property
+    def jitters(self) -> bool:
+        return self.jitter_p > 0 and any(s > 0 for s in self.strengths)
 
-        size = (self.size, self.size)
-        ops: list[nn.Module] = [
-            K.RandomResizedCrop(
-                size,
-                scale=on(self.crop_scale),
-                ratio=self.crop_ratio,  # a tuple: a tensor ratio costs a host sync (float(ratio.min()))
-                align_corners=False,
-                cropping_mode=_CROP_MODE,
-                p=1.0,
-            )
-        ]
+    def sample(self, n: int, height: int, width: int, device: torch.device) -> ViewParams:
+        """Draw the random parameters of ``n`` views of ``height x width`` images."""
+        p = ViewParams(sample_crop_boxes(n, height, width, self.crop_scale, self.crop_ratio,
+                                         device))
+
+        def coin(prob: float) -> torch.Tensor:
+            return torch.rand(n, device=device) < prob
+
         if self.hflip_p > 0:
-            ops.append(K.RandomHorizontalFlip(p=self.hflip_p))
-        jitter = (self.brightness, self.contrast, self.saturation, self.hue)
-        if self.jitter_p > 0 and any(s > 0 for s in jitter):
-            ops.append(K.ColorJitter(*jitter, p=self.jitter_p))
+            p.flip = coin(self.hflip_p)
+        if self.jitters:
+            p.jitter = coin(self.jitter_p)
+            # Factor ranges as torchvision's ColorJitter: [max(0, 1 - s), 1 + s], hue [-h, h].
+            # (Python-number ranges: a torch.tensor(..., device=cuda) would be a host sync.)
+            ranges = [(max(0.0, 1.0 - s), 1.0 + s) for s in self.strengths[:3]]
+            ranges.append((-self.strengths[3], self.strengths[3]))
+            p.factors = torch.stack([_uniform((n,), lo, hi, device) for lo, hi in ranges], dim=1)
+            # A uniformly random permutation per row: the argsort of i.i.d. uniforms.
+            p.order = torch.rand((n, 4), device=device).argsort(dim=1)
         if self.gray_p > 0:
-            ops.append(K.RandomGrayscale(p=self.gray_p))
+            p.gray = coin(self.gray_p)
         if self.blur_p > 0:
-            ops.append(
-                K.RandomGaussianBlur(
-                    (self.blur_kernel, self.blur_kernel),
-                    self.blur_sigma,
-                    border_type="reflect",
-                    p=self.blur_p,
-                )
-            )
+            p.blur = coin(self.blur_p)
+            p.sigma = _uniform((n,), *self.blur_sigma, device)
         if self.solarize_p > 0:
-            t = self.solarize_threshold
-            ops.append(
-                K.RandomSolarize(thresholds=on((t, t)), additions=on((0.0, 0.0)), p=self.solarize_p)
-            )
-        seq = nn.Sequential(*ops)
-        for op in _kornia_ops(seq):
-            op.set_rng_device_and_dtype(device, torch.float32)
-        return seq
+            p.solarize = coin(self.solarize_p)
+        return p
 
-    def _follow(self, device: torch.device) -> None:
-        if device != self._device:
-            self.ops = self._build(device)
-            self._device = device
+    def apply(self, images: torch.Tensor, p: ViewParams) -> torch.Tensor:
+        """The view of each image under its parameters ``p`` (deterministic)."""
+        _check_uint8(images)
+        sync_free = images.is_cuda if self.sync_free is None else self.sync_free
+        x = resized_crop(images.float(), p.boxes, self.size, p.flip).div_(255.0)
+        if p.jitter is not None:
+            for position in range(4):
+                step = p.order[:, position]
+                for k, fn in enumerate(_JITTER_STEPS):
+                    if self.strengths[k] > 0:
+                        x = _where_rows(p.jitter & (step == k), fn, x, p.factors[:, k],
+                                        sync_free=sync_free)
+        if p.gray is not None:
+            x = torch.where(p.gray.view(-1, 1, 1, 1), rgb_to_grayscale(x).expand_as(x), x)
+        if p.blur is not None:
+            def blur(y: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+                return _gaussian_blur(y, sigma, self.blur_kernel)
 
-    def _apply(self, fn, *args, **kwargs):  # type: ignore[override]
-        # ``.to(device)`` / ``.cuda()`` rebuild the ops for the new device (see _build).
-        out = super()._apply(fn, *args, **kwargs)
-        self._follow(fn(torch.zeros(())).device)
-        return out
+            x = _where_rows(p.blur, blur, x, p.sigma, sync_free=sync_free)
+        if p.solarize is not None:
+            x = torch.where(p.solarize.view(-1, 1, 1, 1), _solarize(x, self.solarize_threshold), x)
+        return self.normalize(x)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        x = to_unit_float(images)
-        self._follow(x.device)
-        x = self.ops(x)
-        return self.normalize(x)
+        _check_uint8(images)
+        n, _, height, width = images.shape
+        return self.apply(images, self.sample(n, height, width, images.device))
 
     def extra_repr(self) -> str:
         return f"size={self.size}, blur_kernel={self.blur_kernel}, mean={self.mean}, std={self.std}"
@@ -347,7 +498,7 @@ class LinearTrainAugment(nn.Module):
     ``crop="pad"`` (CIFAR): random ``size x size`` crop of the image zero-padded by ``padding``
     pixels (black, before normalisation, as torchvision's ``RandomCrop(32, padding=4)``), the
     protocol of the CIFAR linear evaluations. ``crop="resized"`` (ImageNet): RandomResizedCrop
-    with ``crop_scale``.
+    with ``crop_scale``. Parameters are drawn on the batch's device, no host sync.
 
     Shape: ``(B, 3, H, W)`` uint8 -> ``(B, 3, size, size)`` float32, channels_last, same device.
     """
@@ -370,28 +521,43 @@ class LinearTrainAugment(nn.Module):
             raise ConfigError(f"{o}: crop must be 'pad' or 'resized', got {crop!r}")
         if isinstance(padding, bool) or not isinstance(padding, int) or padding < 0:
             raise ConfigError(f"{o}: padding must be an int >= 0, got {padding!r}")
-        scale = _range(o, "crop_scale", crop_scale, 0.0, 1.0)
-        hflip_p = _prob(o, "hflip_p", hflip_p)
-        ops: list[nn.Module] = []
-        if crop == "pad":
-            ops.append(K.RandomCrop((size, size), padding=padding or None, fill=0, p=1.0))
-        else:
-            ops.append(
-                K.RandomResizedCrop(
-                    (size, size), scale=scale, align_corners=False, cropping_mode=_CROP_MODE, p=1.0
-                )
-            )
-        if hflip_p > 0:
-            ops.append(K.RandomHorizontalFlip(p=hflip_p))
-        self.ops = nn.Sequential(*ops)
+        self.crop = crop
+        self.padding = padding
+        self.crop_scale = _range(o, "crop_scale", crop_scale, 0.0, 1.0)
+        self.hflip_p = _prob(o, "hflip_p", hflip_p)
         self.normalize = _Normalize(_stats(o, "mean", mean, False), _stats(o, "std", std, True))
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        x = to_unit_float(images)
-        for op in _kornia_ops(self.ops):
-            if op.device != x.device:
-                op.set_rng_device_and_dtype(x.device, torch.float32)
-        return self.normalize(self.ops(x))
+        _check_uint8(images)
+        n, _, height, width = images.shape
+        device = images.device
+        flip = torch.rand(n, device=device) < self.hflip_p
+        if self.crop == "resized":
+            boxes = sample_crop_boxes(n, height, width, self.crop_scale, (3 / 4, 4 / 3), device)
+            x = resized_crop(images.float(), boxes, self.size, flip)
+        else:
+            x = self._padded_crop(images, flip)
+        return self.normalize(x.div_(255.0))
+
+    def _padded_crop(self, images: torch.Tensor, flip: torch.Tensor) -> torch.Tensor:
+        """A uniformly placed ``size x size`` window of the zero-padded image, gathered by index
+        (exact pixels, no resampling)."""
+        n, _, height, width = images.shape
+        pad, size = self.padding, self.size
+        if height + 2 * pad < size or width + 2 * pad < size:
+            raise ConfigError(f"LinearTrainAugment: size={size} is larger than the padded "
+                              f"images ({height}x{width} + 2 x {pad})")
+        padded = F.pad(images.float(), (pad, pad, pad, pad))
+        corner = torch.rand((n, 2), device=images.device)
+        top = (corner[:, 0] * (height + 2 * pad - size + 1)).long()
+        left = (corner[:, 1] * (width + 2 * pad - size + 1)).long()
+        offsets = torch.arange(size, device=images.device)
+        rows = top[:, None] + offsets                                  # (B, size)
+        cols = left[:, None] + offsets
+        cols = torch.where(flip[:, None], cols.flip(1), cols)
+        batch = torch.arange(n, device=images.device)[:, None, None]
+        out = padded.permute(0, 2, 3, 1)[batch, rows[:, :, None], cols[:, None, :]]
+        return out.permute(0, 3, 1, 2)                                 # (B, 3, size, size)
 
 
 def make_views(

@@ -17,6 +17,7 @@ from typing import Any
 import yaml
 
 from .errors import ConfigError
+from .runtime import PRECISIONS
 
 DATASETS = ("cifar10", "cifar100", "imagefolder")
 METHODS = ("simclr", "moco")
@@ -137,8 +138,12 @@ class Config:
     seed: int = 0
     # "auto" = cuda when available, else cpu.
     device: str = "auto"
-    # "auto" = bf16 autocast on CUDA, fp32 on CPU.
+    # auto | bf16 | fp16 | fp32 (ssl_sec/runtime.py): "auto" = bf16 autocast on CUDA (fp16 +
+    # loss scaling on GPUs without bf16), fp32 on the CPU; "bf16" is autocast on the CPU too.
     precision: str = "auto"
+    # Deterministic kernels only (bit-exact resume on CUDA; slower). The CPU is deterministic
+    # without it.
+    deterministic: bool = False
     # Runs go to out_dir/name; an existing run directory is never overwritten.
     out_dir: str = "runs"
     name: str = "run"
@@ -242,7 +247,7 @@ def _check_ranges(cfg: Config) -> None:
 
     choice("method", cfg.method, METHODS)
     choice("device", cfg.device.split(":")[0], ("auto", "cpu", "cuda"))
-    choice("precision", cfg.precision, ("auto", "fp32", "bf16"))
+    choice("precision", cfg.precision, PRECISIONS)
     need(cfg.log_every >= 1, "log_every", cfg.log_every, ">= 1")
     need(cfg.ckpt_every >= 0, "ckpt_every", cfg.ckpt_every, ">= 0")
     need(bool(cfg.name) and "/" not in cfg.name, "name", cfg.name, "a non-empty name without '/'")
@@ -454,7 +459,7 @@ def _check_linear_ranges(cfg: LinearConfig) -> None:
 
     choice("mode", cfg.mode, ("full", "features"))
     choice("device", cfg.device.split(":")[0], ("auto", "cpu", "cuda"))
-    choice("precision", cfg.precision, ("auto", "fp32", "bf16"))
+    choice("precision", cfg.precision, PRECISIONS)
     d = cfg.data
     if d.dataset is not None:
         choice("data.dataset", d.dataset, DATASETS)

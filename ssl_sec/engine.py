@@ -23,10 +23,11 @@ from .checkpoint import FORMAT_VERSION, atomic_save, load_checkpoint, rng_state,
 from .config import Config
 from .data import NORMALIZATION, DeviceLoader, ImageSet, load_dataset
 from .errors import CheckpointError, ConfigError, UserError
-from .evaluation.features import autocast_for, extract_features
+from .evaluation.features import extract_features
 from .evaluation.knn import knn_evaluate
 from .methods import METHODS
 from .optim import build_optimizer, lr_at, set_lr
+from .runtime import autocast_for, backends, effective_precision, grad_scaler, resolve_device
 
 # Keys that may differ between a run and its resumption: where things are and how often
 # to log or evaluate. Everything else changes the optimisation and must match.
@@ -35,14 +36,6 @@ RESUMABLE_CHANGES = ("device", "log_every", "ckpt_every", "data.root", "data.dow
 
 
 # ----------------------------------------------------------------------------- setup
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise ConfigError(f"device={name!r} but no CUDA GPU is visible; use device=cpu or device=auto")
-    return torch.device(name)
-
-
 def load_splits(cfg: Config) -> tuple[ImageSet, ImageSet]:
     """Train and test ImageSets as the recipe asks (class subset, first-N subsets)."""
     d = cfg.data
@@ -172,7 +165,14 @@ def optimize_step(model: torch.nn.Module, v1: torch.Tensor, v2: torch.Tensor,
                   optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler, cfg: Config,
                   progress: float, diagnostics: bool = False):
     """Forward (autocast), backward, optional clipping, optimizer step, then the method's
-    post-step update (momentum encoder, queue) - in that order, as MoCo and DINO do."""
+    post-step update (momentum encoder, queue) - in that order, as MoCo and DINO do.
+
+    Returns (terms, stepped). `stepped` is False only under fp16 loss scaling when the
+    gradients overflowed: the scaler skipped the optimizer step (and lowered the scale), and
+    the post-step update is skipped with it, so no overflowed key enters MoCo's queue.
+    Reading the scale is a host sync, but only under fp16, whose `scaler.step` reads the
+    overflow flag on the host anyway; bf16 and fp32 steps never wait for the device.
+    """
     with autocast_for(v1.device, cfg.precision):
         terms = model(v1, v2, progress, diagnostics)
     optimizer.zero_grad(set_to_none=True)
@@ -180,10 +180,13 @@ def optimize_step(model: torch.nn.Module, v1: torch.Tensor, v2: torch.Tensor,
     if cfg.optim.grad_clip > 0:
         scaler.unscale_(optimizer)
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
+    scale = scaler.get_scale() if scaler.is_enabled() else None
     scaler.step(optimizer)
     scaler.update()
-    getattr(model, "module", model).after_step(progress)
-    return terms
+    stepped = scale is None or scaler.get_scale() >= scale
+    if stepped:
+        getattr(model, "module", model).after_step(progress)
+    return terms, stepped
 
 
 # ----------------------------------------------------------------------------- training
@@ -194,8 +197,14 @@ def train(cfg: Config, resume: bool = False, progress_bar: bool | None = None,
     `max_epochs` stops this invocation after that many epochs (last.pt is written every
     epoch), so a long run can be split into time-limited jobs and continued with resume.
     """
-    # -- data -----------------------------------------------------------------------------
     device = dist.init(resolve_device(cfg.device))
+    with backends(device, cfg.deterministic):
+        return _train(cfg, device, resume, progress_bar, max_epochs)
+
+
+def _train(cfg: Config, device: torch.device, resume: bool, progress_bar: bool | None,
+           max_epochs: int | None) -> dict:
+    # -- data -----------------------------------------------------------------------------
     rank, world, main = dist.rank(), dist.world_size(), dist.is_main()
     if cfg.optim.batch_size % world:
         raise ConfigError(f"optim.batch_size={cfg.optim.batch_size} must be divisible by the "
@@ -227,8 +236,7 @@ def train(cfg: Config, resume: bool = False, progress_bar: bool | None = None,
         torch.manual_seed(cfg.seed + rank)
         random.seed(cfg.seed + rank)
     optimizer = build_optimizer(core, cfg.optim)
-    use_fp16 = device.type == "cuda" and cfg.precision == "fp16"
-    scaler = torch.amp.GradScaler("cuda", enabled=use_fp16)
+    scaler = grad_scaler(device, cfg.precision)
     steps_per_epoch = len(loader)
     total_steps = cfg.optim.epochs * steps_per_epoch
     warmup_steps = round(cfg.optim.warmup_epochs * steps_per_epoch)
@@ -256,6 +264,13 @@ def train(cfg: Config, resume: bool = False, progress_bar: bool | None = None,
     say(f"device {device} x {world} process(es), {len(train_set.labels)} train / "
         f"{len(test_set.labels)} test images, {steps_per_epoch} steps/epoch, "
         f"{cfg.optim.epochs} epochs")
+    precision = effective_precision(device, cfg.precision)
+    say(f"precision: {precision}" + (" autocast" if precision != "fp32" else "")
+        + (" + dynamic loss scaling" if scaler.is_enabled() else "")
+        + (", channels_last" if cfg.model.channels_last else "")
+        + (", deterministic kernels" if cfg.deterministic else "")
+        + ("  (fp16 on the CPU is emulated and slow: use bf16 or fp32 there)"
+           if precision == "fp16" and device.type == "cpu" else ""))
 
     log = Logger(paths) if main else None
     if ckpt is None and main:
@@ -269,41 +284,55 @@ def train(cfg: Config, resume: bool = False, progress_bar: bool | None = None,
     show_bar = sys.stderr.isatty() if progress_bar is None else progress_bar
     result: dict = {}
     nonfinite = torch.zeros((), dtype=torch.bool, device=device)
+    skipped = 0  # fp16 steps skipped on overflow
 
     # -- loop --------------------------------------------------------------------------------
     model.train()
     end_epoch = cfg.optim.epochs if max_epochs is None else min(cfg.optim.epochs,
                                                                  start_epoch + max_epochs)
     for epoch in range(start_epoch, end_epoch):
-        t_epoch = time.perf_counter()
-        t_log, n_log = t_epoch, 0
+        timer = EpochTimer(device)
+        t_log, n_log = timer.start, 0
         bar = _bar(steps_per_epoch, epoch, cfg.optim.epochs, show_bar)
-        for images, _ in loader:
+        lines = None if bar is not None else ProgressLines(epoch, cfg.optim.epochs, steps_per_epoch)
+        for i, (images, _) in enumerate(loader):
             lr = lr_at(step, total_steps, warmup_steps, cfg.optim.lr, cfg.optim.min_lr_ratio)
             set_lr(optimizer, lr)
             progress = step / max(total_steps - 1, 1)
             v1, v2 = make_views(augment, images)
             log_now = (step + 1) % cfg.log_every == 0 or (step + 1) % steps_per_epoch == 0
-            terms = optimize_step(model, v1, v2, optimizer, scaler, cfg, progress, log_now)
+            terms, stepped = optimize_step(model, v1, v2, optimizer, scaler, cfg, progress,
+                                           log_now)
             # Finite-loss guard without a host sync per step: remember, check at log time.
             nonfinite |= ~torch.isfinite(terms.losses["total"])
             step += 1
             n_log += images.shape[0]
+            if not stepped:
+                skipped += 1
+                if skipped <= 20 or skipped % 100 == 0:
+                    say(f"step {step}: fp16 gradients overflowed, optimizer step skipped "
+                        f"(loss scale now {scaler.get_scale():g}; {skipped} skipped so far)")
             if bar is not None:
                 bar.update(1)
             if log_now:
                 _check_finite(nonfinite, step, paths)
                 now = time.perf_counter()
                 values = _step_scalars(terms, lr, world * n_log / max(now - t_log, 1e-9))
+                if scaler.is_enabled():
+                    values["perf/loss_scale"] = scaler.get_scale()
+                    values["perf/skipped_steps"] = skipped
                 t_log, n_log = now, 0
                 if log is not None:
                     log.scalars(step, values, "train")
                 if bar is not None:
                     bar.set_postfix(loss=f"{values['loss/total']:.3f}",
                                     img_s=f"{values['perf/images_per_s']:.0f}")
+                if lines is not None and main:
+                    lines.maybe_print(i + 1, step, values, now - timer.start,
+                                      cfg.optim.epochs - epoch - 1)
         if bar is not None:
             bar.close()
-        epoch_s = time.perf_counter() - t_epoch
+        epoch_s = timer.seconds()
         if terms.norms is not None and log is not None:
             log.tb.add_histogram("norm/hist", terms.norms.float().cpu(), step)
         epoch_done = epoch + 1
@@ -315,7 +344,9 @@ def train(cfg: Config, resume: bool = False, progress_bar: bool | None = None,
         if not main:
             dist.barrier()  # rank 0 evaluates and checkpoints
             continue
-        log.scalars(step, {"perf/epoch_seconds": epoch_s}, "epoch")
+        log.scalars(step, {"perf/epoch_seconds": epoch_s,
+                           "perf/epoch_wall_seconds": time.perf_counter() - timer.start},
+                    "epoch")
         last = epoch_done == cfg.optim.epochs
         every = cfg.eval.knn_every
         if last or (every and epoch_done % every == 0):
@@ -386,6 +417,51 @@ def _step_scalars(terms, lr: float, images_per_s: float) -> dict[str, float]:
     out["lr"] = lr
     out["perf/images_per_s"] = images_per_s
     return out
+
+
+class EpochTimer:
+    """Seconds of one epoch: CUDA events on a GPU (the device's own clock, no extra host
+    sync until the epoch ends), the host clock elsewhere."""
+
+    def __init__(self, device: torch.device):
+        self.start = time.perf_counter()
+        self.events = None
+        if device.type == "cuda":
+            self.events = (torch.cuda.Event(enable_timing=True),
+                           torch.cuda.Event(enable_timing=True))
+            self.events[0].record()
+
+    def seconds(self) -> float:
+        if self.events is None:
+            return time.perf_counter() - self.start
+        self.events[1].record()
+        self.events[1].synchronize()
+        return self.events[0].elapsed_time(self.events[1]) / 1000.0
+
+
+class ProgressLines:
+    """Progress lines for logs (stderr not a terminal, so no progress bar): at a logging step,
+    print step, loss, images/s and ETAs when at least `every_s` seconds passed since the last
+    line, i.e. every `log_every` steps or every ~30 s, whichever comes later."""
+
+    def __init__(self, epoch: int, epochs: int, steps_per_epoch: int, every_s: float = 30.0):
+        self.epoch, self.epochs, self.steps = epoch, epochs, steps_per_epoch
+        self.every_s = every_s
+        self.last = time.perf_counter()
+
+    def maybe_print(self, done: int, step: int, values: dict, elapsed: float,
+                    epochs_after: int) -> None:
+        now = time.perf_counter()
+        if now - self.last < self.every_s or done >= self.steps:
+            return  # the epoch line follows at the epoch's last step
+        self.last = now
+        per_step = elapsed / done
+        epoch_left = per_step * (self.steps - done)
+        run_left = epoch_left + per_step * self.steps * epochs_after
+        say(f"  epoch {self.epoch + 1}/{self.epochs}  step {done}/{self.steps} "
+            f"(global {step})  loss {values['loss/total']:.4f}  "
+            f"{values['perf/images_per_s']:.0f} img/s  ETA epoch {epoch_left / 60:.1f} min, "
+            f"run {run_left / 60:.1f} min")
 
 
 def _bar(total: int, epoch: int, epochs: int, show: bool):

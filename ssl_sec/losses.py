@@ -146,7 +146,7 @@ def contrastive_losses(s: Similarities, temperature: float = 0.2, w_infonce: flo
     with torch.autocast(s.sim.device.type, enabled=False):
         total, values = _ContrastiveCE.apply(s.sim, s, temperature, weights["infonce"],
                                              margin, gamma, weights["circle"])
-    return total, dict(zip(names, values))
+    return total, dict(zip(names, values, strict=True))
 
 
 class _ContrastiveCE(torch.autograd.Function):
@@ -202,7 +202,7 @@ class _ContrastiveCE(torch.autograd.Function):
         ctx.mark_non_differentiable(values)
         ctx.save_for_backward(grad)
         weights = [w for w in (w_infonce, w_circle) if w > 0]
-        return sum(w * v for w, v in zip(weights, values)), values
+        return sum(w * v for w, v in zip(weights, values, strict=True)), values
 
     @staticmethod
     def backward(ctx, grad_total: torch.Tensor, _grad_values):

@@ -29,8 +29,18 @@ def build_backbone(arch: str, cifar_stem: bool) -> tuple[nn.Module, int]:
         net.conv1 = nn.Conv2d(3, 64, kernel_size=3, stride=1, padding=1, bias=False)
         nn.init.kaiming_normal_(net.conv1.weight, mode="fan_out", nonlinearity="relu")
         net.maxpool = nn.Identity()
+    net.avgpool = GlobalAvgPool()
     net.fc = nn.Identity()
     return net, FEATURE_DIMS[arch]
+
+
+class GlobalAvgPool(nn.Module):
+    """Mean over H and W, (B, C, H, W) -> (B, C, 1, 1): torchvision's AdaptiveAvgPool2d(1)
+    without its CUDA backward, which has no deterministic implementation (so
+    `deterministic: true` would refuse to train). The same values, no parameters."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.mean(dim=(-2, -1), keepdim=True)
 
 
 def build_projector(in_dim: int, cfg: ModelConfig, head: str = "simclr") -> nn.Module:

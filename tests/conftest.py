@@ -8,10 +8,23 @@ import torch
 # environment points elsewhere.
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 os.environ.setdefault("SSL_SEC_DATA", str(SHARED))
+# cuBLAS reads its workspace setting once, at its first call in the process: set it before any
+# test touches CUDA, so that the deterministic-resume GPU test can enable deterministic mode.
+os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
 torch.set_num_threads(min(2, torch.get_num_threads()))
 
 
-@pytest.fixture
+def pytest_collection_modifyitems(config, items):
+    """Tests marked `gpu` are always collected; without CUDA they are skipped."""
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs CUDA")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
 def data_root() -> Path:
     root = Path(os.environ["SSL_SEC_DATA"])
     if not (root / "cifar-10-batches-py").is_dir():

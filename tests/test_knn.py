@@ -165,7 +165,7 @@ def test_auto_falls_back_to_torch_without_faiss(monkeypatch):
         knn_classify(bank, bank_labels, queries, k=5, backend="faiss")
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.gpu
 def test_torch_backend_on_cuda_matches_cpu():
     bank, queries = _features(1000, 32, seed=26), _features(50, 32, seed=27)
     bank_labels = _labels(1000, 10, seed=28)

@@ -61,3 +61,39 @@ def test_warmup_cosine_schedule():
     mid = lr_at(55, total, warm, lr, min_lr_ratio=0.1)
     assert mid == pytest.approx(0.08 + 0.72 * 0.5 * (1 + math.cos(math.pi * 0.5)))
     assert lr_at(5, total, 0, lr) == pytest.approx(0.8 * 0.5 * (1 + math.cos(math.pi * 0.05)))
+
+
+def _loop_lars(params_groups, lr, momentum, eta, state):
+    """LARS one tensor at a time (the formula as written in the paper): the reference for the
+    multi-tensor implementation."""
+    for group in params_groups:
+        wd = group["weight_decay"]
+        for p in group["params"]:
+            g = p.grad + wd * p
+            if not group["lars_exclude"]:
+                w_norm, g_norm = p.norm(), p.grad.norm()
+                if w_norm > 0 and g_norm > 0:
+                    g = g * (eta * w_norm / (g_norm + wd * w_norm))
+            buf = state.get(p)
+            state[p] = g.clone() if buf is None else buf * momentum + g
+            p.sub_(lr * state[p])
+
+
+def test_multi_tensor_lars_equals_a_per_tensor_loop():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.Flatten(), nn.Linear(8 * 30 * 30, 4))
+    twin = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.Flatten(), nn.Linear(8 * 30 * 30, 4))
+    twin.load_state_dict(model.state_dict())
+    nn.init.zeros_(model[0].bias), nn.init.zeros_(twin[0].bias)  # a zero-norm tensor: ratio 1
+    opt = build_optimizer(model, OptimConfig(name="lars", lr=0.3, weight_decay=1e-4))
+    ref_groups, ref_state = param_groups(twin, 1e-4), {}
+    x = torch.randn(16, 3, 32, 32)
+    for _ in range(3):
+        for m in (model, twin):
+            m.zero_grad()
+            m(x).square().mean().backward()
+        opt.step()
+        with torch.no_grad():
+            _loop_lars(ref_groups, 0.3, 0.9, 0.02, ref_state)
+    for (name, a), b in zip(model.named_parameters(), twin.parameters(), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=name)

@@ -9,24 +9,14 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from helpers import small_cfg
 
 from ssl_sec.checkpoint import load_checkpoint
-from ssl_sec.config import from_dict, load_recipe
+from ssl_sec.config import load_recipe
 from ssl_sec.engine import train
 from ssl_sec.errors import CheckpointError, ConfigError, UserError
 
 ROOT = Path(__file__).resolve().parents[1]
-
-# ResNet-18 with the ImageNet stem at 32x32 keeps these runs to seconds on two cores.
-SMALL = ["data.train_subset=512", "data.test_subset=200", "model.cifar_stem=false",
-         "model.proj_hidden_dim=128", "model.proj_output_dim=32", "optim.batch_size=128",
-         "optim.name=sgd", "optim.lr=0.1", "optim.warmup_epochs=0.5", "eval.knn_every=1",
-         "eval.knn_k=20", "log_every=2", "ckpt_every=1"]
-
-
-def small_cfg(tmp_path, *extra):
-    return from_dict({}, SMALL + [f"out_dir={tmp_path}", "optim.epochs=2", *extra])
-
 
 def test_short_real_run_writes_events_metrics_checkpoint(tmp_path, data_root):
     result = train(small_cfg(tmp_path, "loss.sec_eta=0.05", "loss.sec_mu=ema"), progress_bar=False)

@@ -13,9 +13,10 @@ import torch
 from ..checkpoint import load_checkpoint
 from ..config import Config, _merge, from_dict
 from ..data import NORMALIZATION
-from ..engine import load_splits, resolve_device
+from ..engine import load_splits
 from ..errors import CheckpointError
 from ..models import build_backbone
+from ..runtime import resolve_device
 from .features import cached_features, file_sha256
 from .knn import knn_evaluate
 

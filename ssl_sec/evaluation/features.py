@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import hashlib
 import json
@@ -14,14 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..checkpoint import atomic_save
-
-
-def autocast_for(device: torch.device, precision: str):
-    """bf16 autocast on CUDA ('auto' or 'bf16'); plain fp32 elsewhere."""
-    used = effective_precision(device, precision)
-    if used == "fp32":
-        return contextlib.nullcontext()
-    return torch.autocast("cuda", dtype=torch.bfloat16 if used == "bf16" else torch.float16)
+from ..runtime import autocast_for, effective_precision
 
 
 @torch.no_grad()
@@ -56,15 +48,6 @@ def extract_features(backbone: nn.Module, images: torch.Tensor, transform: nn.Mo
 
 # ----------------------------------------------------------------------------- feature cache
 CACHE_FORMAT = "ssl_sec.features/1"
-
-
-def effective_precision(device: torch.device, precision: str) -> str:
-    """The arithmetic `autocast_for(device, precision)` really uses: bf16, fp16 or fp32."""
-    if device.type == "cuda" and precision in ("auto", "bf16"):
-        return "bf16"
-    if device.type == "cuda" and precision == "fp16":
-        return "fp16"
-    return "fp32"
 
 
 @functools.lru_cache(maxsize=32)

@@ -41,8 +41,9 @@ import torch.nn.functional as F
 
 from ..checkpoint import load_checkpoint
 from ..data import load_dataset
-from ..engine import load_splits, resolve_device
+from ..engine import load_splits
 from ..errors import UserError
+from ..runtime import resolve_device
 from .commands import (
     backbone_from_checkpoint,
     cache_dir_for,

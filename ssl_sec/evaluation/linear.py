@@ -34,9 +34,10 @@ from torch import nn
 from ..checkpoint import load_checkpoint
 from ..config import LinearConfig, LinearOptimConfig, load_linear_recipe, to_dict
 from ..data import NORMALIZATION
-from ..engine import load_splits, resolve_device
+from ..engine import load_splits
 from ..errors import ConfigError
 from ..optim import lr_at, set_lr
+from ..runtime import autocast_for, resolve_device
 from .commands import (
     backbone_from_checkpoint,
     cache_dir_for,
@@ -46,7 +47,7 @@ from .commands import (
     pretrain_dataset,
     to_device,
 )
-from .features import autocast_for, cached_features
+from .features import cached_features
 from .knn import knn_accuracy
 
 Batches = Callable[[int], Iterable[tuple[torch.Tensor, torch.Tensor]]]

@@ -17,10 +17,10 @@ import torch
 from torch import nn
 
 from ..checkpoint import load_checkpoint
-from ..engine import build_model, load_splits, resolve_device
+from ..engine import build_model, load_splits
 from ..errors import CheckpointError, UserError
+from ..runtime import autocast_for, resolve_device
 from .commands import checkpoint_config, eval_transform_for, pretrain_dataset
-from .features import autocast_for
 
 
 def norm_statistics(norms: torch.Tensor) -> dict[str, float]:

@@ -52,7 +52,8 @@ class MoCo(nn.Module):
         """Normalised keys of the momentum encoder. With split-BN the batch is shuffled first
         so that a key lands in a different BN group than its query (shuffle-BN on one device)."""
         if self.cfg.bn_remedy == "split":
-            perm = torch.randperm(v.shape[0], device=v.device)
+            # argsort of uniforms: a random permutation drawn on the device, no host sync.
+            perm = torch.rand(v.shape[0], device=v.device).argsort()
             _, k = self.momentum_encoder(v[perm])
             k = k[torch.argsort(perm)]
         else:

@@ -1,0 +1,422 @@
+"""GPU benchmark: what a user of one GPU gets, measured in one run on one machine.
+
+    python eval/bench_gpu.py [--epochs 3] [--lightly-steps 80] [--tests-junit FILE] [--out FILE]
+
+1. Pretraining: `recipes/cifar10/simclr.yaml` and `recipes/cifar10/moco.yaml` for `--epochs`
+   epochs on all 50,000 CIFAR-10 images through `ssl_sec.engine.train` (the product path:
+   bf16 autocast, channels_last, augmentation on the GPU). Seconds per epoch come from CUDA
+   events (`perf/epoch_seconds`); the first epoch includes cuDNN autotuning, so the steady
+   figure is the median of the later ones.
+2. Step breakdown (CUDA events over 30 consecutive steps, no host sync between them): two
+   views alone, the model step alone on ready views, and the full step; the augmentation's
+   share is views / full step.
+3. kNN pass: eval-mode features of the 50,000 training images (bank) and the 10,000 test
+   images, then weighted kNN (k=200, T=0.1) of the queries against the bank, timed apart.
+4. Linear probe: `ssl-sec linear` with `recipes/linear/fast.yaml` (100 epochs on cached
+   features) on the SimCLR checkpoint of step 1, feature extraction included.
+5. The same-GPU reference a lightly user would write: lightly `SimCLRTransform` on PIL images
+   in DataLoader worker processes (all cores, pinned memory), the same ResNet-18 (CIFAR
+   stem) + lightly `SimCLRProjectionHead`, `NTXentLoss(0.2)`, lightly's LARS, the same batch
+   and the same bf16 autocast + channels_last. Images/s over `--lightly-steps` steps after a
+   warm-up, and the same loader alone (no model) to show what bounds it.
+
+Targets (issue 8, H100/H200): <= 3 s per SimCLR epoch, kNN pass < 1 s, linear probe < 2 min,
+>= 3x the lightly pipeline's images/s. Writes eval/results/gpu_<gpu>.json and prints a table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import statistics
+import sys
+import tempfile
+import time
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import ROOT, run_training, write_result  # noqa: E402
+
+from ssl_sec.config import load_recipe  # noqa: E402
+from ssl_sec.data import NORMALIZATION, DeviceLoader  # noqa: E402
+from ssl_sec.engine import (  # noqa: E402
+    build_augment,
+    build_model,
+    load_splits,
+    make_views,
+    optimize_step,
+)
+from ssl_sec.evaluation.commands import backbone_from_checkpoint, checkpoint_config, to_device  # noqa: E402
+from ssl_sec.evaluation.features import extract_features  # noqa: E402
+from ssl_sec.evaluation.knn import knn_classify  # noqa: E402
+from ssl_sec.evaluation.linear import linear_command  # noqa: E402
+from ssl_sec.optim import build_optimizer, set_lr  # noqa: E402
+from ssl_sec.runtime import backends, grad_scaler  # noqa: E402
+
+RECIPES = {"simclr": "recipes/cifar10/simclr.yaml", "moco": "recipes/cifar10/moco.yaml"}
+TARGETS = {"simclr_epoch_s": 3.0, "knn_pass_s": 1.0, "linear_probe_s": 120.0,
+           "ratio_vs_lightly": 3.0}
+
+
+def parse_args() -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--epochs", type=int, default=3, help="pretraining epochs per recipe")
+    ap.add_argument("--lightly-steps", type=int, default=80,
+                    help="timed steps of the lightly reference (after 10 warm-up steps)")
+    ap.add_argument("--workers", type=int, default=None,
+                    help="DataLoader workers of the lightly reference (default: all cores)")
+    ap.add_argument("--tests-junit", default=None,
+                    help="JUnit XML of the GPU test run, folded into the result")
+    ap.add_argument("--out", default=None, help="default: eval/results/gpu_<gpu>.json")
+    ap.add_argument("--smoke", action="store_true",
+                    help="check the script end to end on any device in a minute: tiny subsets, "
+                         "the ImageNet stem, 1 epoch; its figures mean nothing and are not saved")
+    ap.add_argument("--device", default="cuda", help="cuda (default) or, with --smoke, cpu")
+    return ap.parse_args()
+
+
+# --smoke: overrides that make every stage tiny (a check of the script, not a measurement).
+SMOKE = ["data.train_subset=1024", "data.test_subset=500", "model.cifar_stem=false",
+         "optim.batch_size=256", "moco.bn_splits=4"]
+EXTRA: list[str] = []  # the overrides every stage adds (SMOKE under --smoke)
+DEVICE = torch.device("cuda")
+
+
+def _rows(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def _cuda_ms(fn, repeats: int = 1) -> float:
+    """Milliseconds of `fn()` on the GPU (CUDA events; the host clock on the CPU), median of
+    `repeats`."""
+    times = []
+    for _ in range(repeats):
+        if DEVICE.type != "cuda":
+            t0 = time.perf_counter()
+            fn()
+            times.append(1000 * (time.perf_counter() - t0))
+            continue
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    return statistics.median(times)
+
+
+def _sync() -> None:
+    if DEVICE.type == "cuda":
+        torch.cuda.synchronize()
+
+
+# ----------------------------------------------------------------------------- 1. pretraining
+def pretraining(epochs: int, out_dir: Path) -> dict:
+    out = {}
+    for method, recipe in RECIPES.items():
+        t0 = time.perf_counter()
+        summary = run_training(recipe, [f"optim.epochs={epochs}", "optim.warmup_epochs=1",
+                                        "eval.knn_every=0", "log_every=50",
+                                        f"device={DEVICE}", *EXTRA], out_dir, method)
+        wall = time.perf_counter() - t0
+        rows = _rows(out_dir / method / "metrics.jsonl")
+        cfg = load_recipe(ROOT / recipe, EXTRA)
+        epoch_s = [r["perf/epoch_seconds"] for r in rows if r["kind"] == "epoch"]
+        steady = statistics.median(epoch_s[1:]) if len(epoch_s) > 1 else epoch_s[0]
+        n_train = cfg.data.train_subset or 50_000
+        images = (n_train // cfg.optim.batch_size) * cfg.optim.batch_size
+        out[method] = {
+            "recipe": recipe, "batch_size": cfg.optim.batch_size, "images_per_epoch": images,
+            "epoch_seconds": epoch_s, "steady_epoch_seconds": steady,
+            "images_per_s": images / steady,
+            "knn_monitor_seconds": [r["perf/knn_seconds"] for r in rows if r["kind"] == "knn"][-1],
+            "knn_top1_after_epochs": summary.get("top1"), "wall_seconds_incl_setup": wall,
+            "checkpoint": str(out_dir / method / "last.pt"),
+        }
+    return out
+
+
+# ----------------------------------------------------------------------------- 2. step breakdown
+def step_breakdown(recipe: str, steps: int = 30) -> dict:
+    cfg = load_recipe(ROOT / recipe, [f"device={DEVICE}", *EXTRA])
+    device = DEVICE
+    train_set, _ = load_splits(cfg)
+    loader = DeviceLoader(train_set.images.to(device), train_set.labels.to(device),
+                          cfg.optim.batch_size, generator=torch.Generator().manual_seed(0))
+    augment, _ = build_augment(cfg, device)
+    torch.manual_seed(0)
+    model = build_model(cfg, device).train()
+    optimizer = build_optimizer(model, cfg.optim)
+    set_lr(optimizer, 0.1)
+    scaler = grad_scaler(device, cfg.precision)
+    batches = []
+    for images, _ in loader:
+        batches.append(images)
+        if len(batches) == steps:
+            break
+    ready = make_views(augment, batches[0])
+
+    def views_only():
+        for b in batches:
+            make_views(augment, b)
+
+    def model_only():
+        for _ in batches:
+            optimize_step(model, *ready, optimizer, scaler, cfg, 0.5)
+
+    def full():
+        for b in batches:
+            optimize_step(model, *make_views(augment, b), optimizer, scaler, cfg, 0.5)
+
+    with backends(device, deterministic=False):
+        for fn in (full, views_only, model_only):  # warm-up: autotuning, allocator
+            fn()
+        ms = {name: _cuda_ms(fn, repeats=3) / steps
+              for name, fn in (("views", views_only), ("model_step", model_only), ("full_step", full))}
+    return {"recipe": recipe, "batch_size": cfg.optim.batch_size, "steps": steps,
+            "ms_per_step": ms, "augment_share_of_step": ms["views"] / ms["full_step"]}
+
+
+# ----------------------------------------------------------------------------- 3. kNN pass
+def knn_pass(checkpoint: Path) -> dict:
+    from ssl_sec.checkpoint import load_checkpoint
+    from ssl_sec.evaluation.commands import eval_transform_for
+
+    ckpt = load_checkpoint(checkpoint)
+    cfg = checkpoint_config(checkpoint, ckpt, [f"device={DEVICE}"])
+    device = DEVICE
+    backbone = to_device(backbone_from_checkpoint(checkpoint, ckpt, cfg), cfg, device)
+    train_set, test_set = load_splits(cfg)
+    bank_x, query_x = train_set.images.to(device), test_set.images.to(device)
+    bank_y = train_set.labels.to(device)
+    transform = eval_transform_for(cfg, "cifar10", device)
+    e = cfg.eval
+    state = {}
+
+    def extract():
+        state["bank"] = extract_features(backbone, bank_x, transform, precision=cfg.precision)
+        state["queries"] = extract_features(backbone, query_x, transform, precision=cfg.precision)
+
+    def search(backend: str):
+        state[backend] = knn_classify(state["bank"], bank_y, state["queries"], k=e.knn_k,
+                                      temperature=e.knn_temperature, num_classes=10,
+                                      backend=backend, memory_mb=e.knn_memory_mb)
+
+    extract()
+    search("torch")  # warm-up
+    extract_ms = _cuda_ms(extract, repeats=3)
+    search_ms = _cuda_ms(lambda: search("torch"), repeats=3)
+    top1 = (state["torch"].argmax(1).cpu() == test_set.labels).float().mean().item() * 100
+    out = {"bank": len(bank_y), "queries": len(test_set.labels), "k": e.knn_k,
+           "T": e.knn_temperature, "extract_seconds": extract_ms / 1000,
+           "search_seconds_torch": search_ms / 1000,
+           "total_seconds": (extract_ms + search_ms) / 1000, "top1": top1}
+    try:
+        import faiss
+
+        search("faiss")
+        out["search_seconds_faiss"] = _cuda_ms(lambda: search("faiss"), repeats=3) / 1000
+        out["faiss"] = {"version": faiss.__version__,
+                        "gpu_index": getattr(faiss, "get_num_gpus", lambda: 0)() > 0}
+    except ImportError:
+        out["faiss"] = None
+    return out
+
+
+# ----------------------------------------------------------------------------- 4. linear probe
+def linear_probe(checkpoint: Path) -> dict:
+    t0 = time.perf_counter()
+    smoke = ["optim.epochs=2", "data.train_subset=1024", "data.test_subset=500"] if EXTRA else []
+    result = linear_command(checkpoint, ROOT / "recipes/linear/fast.yaml",
+                            [f"device={DEVICE}", *smoke], cache=False, verbose=False)
+    return {"recipe": "recipes/linear/fast.yaml", "epochs": result["epochs"],
+            "mode": result["mode"], "seconds": time.perf_counter() - t0,
+            "top1": result["top1"], "note": "feature extraction included; features not cached"}
+
+
+# ----------------------------------------------------------------------------- 5. lightly
+def lightly_reference(steps: int, workers: int, warmup: int = 10) -> dict:
+    """The pipeline of lightly's SimCLR example on this GPU: PIL transforms in workers."""
+    import numpy as np
+    from lightly.loss import NTXentLoss
+    from lightly.models.modules.heads import SimCLRProjectionHead
+    from lightly.transforms import SimCLRTransform
+    from lightly.utils.lars import LARS
+    from PIL import Image
+    from torch.utils.data import DataLoader, Dataset
+
+    from ssl_sec.data import load_cifar
+    from ssl_sec.models import build_backbone
+
+    cfg = load_recipe(ROOT / RECIPES["simclr"], EXTRA)
+    a = cfg.augment
+    mean, std = NORMALIZATION["cifar10"]
+    # cj_strength 0.5 x (0.8, 0.8, 0.4, 0.2) = the recipe's jitter (0.4, 0.4, 0.2, 0.1).
+    transform = SimCLRTransform(input_size=a.size, cj_prob=a.jitter_p, cj_strength=0.5,
+                                cj_bright=2 * a.brightness, cj_contrast=2 * a.contrast,
+                                cj_sat=2 * a.saturation, cj_hue=2 * a.hue,
+                                min_scale=a.crop_scale[0], random_gray_scale=a.gray_p,
+                                gaussian_blur=0.0, hf_prob=a.hflip_p,
+                                normalize={"mean": list(mean), "std": list(std)})
+    pixels = load_cifar("cifar10", train=True).images.permute(0, 2, 3, 1).numpy()
+    if cfg.data.train_subset:
+        pixels = pixels[: cfg.data.train_subset]
+
+    class Cifar(Dataset):
+        def __len__(self) -> int:
+            return len(pixels)
+
+        def __getitem__(self, i: int):
+            return transform(Image.fromarray(np.ascontiguousarray(pixels[i]))), 0
+
+    batch = cfg.optim.batch_size
+    loader = DataLoader(Cifar(), batch_size=batch, shuffle=True, drop_last=True,
+                        num_workers=workers, pin_memory=True, persistent_workers=True,
+                        prefetch_factor=4)
+    device = DEVICE
+    backbone, dim = build_backbone(cfg.model.arch, cfg.model.cifar_stem)
+    model = torch.nn.Sequential(backbone, SimCLRProjectionHead(dim, 2048, 128))
+    model = model.to(device, memory_format=torch.channels_last)
+    criterion = NTXentLoss(temperature=cfg.loss.temperature)
+    optimizer = LARS(model.parameters(), lr=cfg.optim.lr, momentum=0.9,
+                     weight_decay=cfg.optim.weight_decay, trust_coefficient=cfg.optim.lars_eta)
+
+    def run(train_model: bool) -> float:
+        count, t0 = 0, None
+        for i, (views, _) in enumerate(loader):
+            if i == warmup:
+                _sync()
+                t0 = time.perf_counter()
+            if i == warmup + steps:
+                break
+            if train_model:
+                x0, x1 = (v.to(device, non_blocking=True).contiguous(
+                    memory_format=torch.channels_last) for v in views)
+                with torch.autocast(device.type, dtype=torch.bfloat16):
+                    loss = criterion(model(x0), model(x1))
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+            count += batch if i >= warmup else 0
+        _sync()
+        return count / (time.perf_counter() - t0)
+
+    with backends(device, deterministic=False):
+        loader_only = run(train_model=False)
+        full = run(train_model=True)
+    return {"workers": workers, "batch_size": batch, "steps": steps, "warmup_steps": warmup,
+            "images_per_s": full, "loader_only_images_per_s": loader_only,
+            "transform": "lightly SimCLRTransform(input_size=32, cj_prob=0.8, cj 0.4/0.4/0.2/0.1, "
+                         "min_scale=0.08, gray 0.2, no blur), PIL per image in workers",
+            "model": "torchvision resnet18 (CIFAR stem) + lightly SimCLRProjectionHead, "
+                     "NTXentLoss(0.2), lightly LARS, bf16 autocast, channels_last"}
+
+
+# ----------------------------------------------------------------------------- report
+def junit_summary(path: str | None) -> dict | None:
+    if not path or not Path(path).is_file():
+        return None
+    root = ET.parse(path).getroot()
+    suite = root if root.tag == "testsuite" else root.find("testsuite")
+    failed = [f"{c.get('classname')}::{c.get('name')}" for c in suite.iter("testcase")
+              if c.find("failure") is not None or c.find("error") is not None]
+    total = int(suite.get("tests", 0))
+    skipped = int(suite.get("skipped", 0))
+    return {"tests": total, "failed": len(failed), "skipped": skipped,
+            "passed": total - len(failed) - skipped, "failed_names": failed}
+
+
+def table(r: dict) -> str:
+    p, s, k, lin, ly = (r["pretrain"], r["step_breakdown"], r["knn_pass"], r["linear_probe"],
+                        r["lightly_reference"])
+    t = r["tests"]
+
+    def ok(flag: bool) -> str:
+        return "yes" if flag else "NO"
+
+    rows = [("measure", "value", "target", "met")]
+    if t is not None:
+        rows.append(("GPU tests (pytest -m gpu)", f"{t['passed']} passed, {t['failed']} failed, "
+                     f"{t['skipped']} skipped", "all pass", ok(t["failed"] == 0)))
+    sim = p["simclr"]
+    rows += [
+        ("SimCLR epoch, recipes/cifar10/simclr.yaml", f"{sim['steady_epoch_seconds']:.2f} s "
+         f"({sim['images_per_s']:,.0f} img/s)", "<= 3 s",
+         ok(sim["steady_epoch_seconds"] <= TARGETS["simclr_epoch_s"])),
+        ("MoCo epoch, recipes/cifar10/moco.yaml", f"{p['moco']['steady_epoch_seconds']:.2f} s "
+         f"({p['moco']['images_per_s']:,.0f} img/s)", "-", "-"),
+        ("augmentation share of a SimCLR step", f"{100 * s['augment_share_of_step']:.1f}% "
+         f"({s['ms_per_step']['views']:.1f} of {s['ms_per_step']['full_step']:.1f} ms)", "-", "-"),
+        ("kNN pass 50,000 x 10,000 (extract + search)", f"{k['total_seconds']:.2f} s "
+         f"({k['extract_seconds']:.2f} + {k['search_seconds_torch']:.2f})", "< 1 s",
+         ok(k["total_seconds"] < TARGETS["knn_pass_s"])),
+        ("linear probe, 100 epochs on features", f"{lin['seconds']:.1f} s "
+         f"(top-1 {lin['top1']:.1f})", "< 120 s", ok(lin["seconds"] < TARGETS["linear_probe_s"])),
+        ("lightly reference pipeline", f"{ly['images_per_s']:,.0f} img/s (loader alone "
+         f"{ly['loader_only_images_per_s']:,.0f})", "-", "-"),
+        ("ours / lightly images/s", f"{r['ratio_vs_lightly']:.2f}x", ">= 3x",
+         ok(r["ratio_vs_lightly"] >= TARGETS["ratio_vs_lightly"])),
+    ]
+    widths = [max(len(row[i]) for row in rows) for i in range(4)]
+    lines = ["| " + " | ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)) + " |"
+             for row in rows]
+    lines.insert(1, "| " + " | ".join("-" * w for w in widths) + " |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    global DEVICE
+    args = parse_args()
+    DEVICE = torch.device(args.device)
+    if args.smoke:
+        EXTRA.extend(SMOKE)
+        args.epochs, args.lightly_steps = 1, 2
+    elif DEVICE.type != "cuda" or not torch.cuda.is_available():
+        sys.exit("bench_gpu.py: no CUDA GPU visible; run it on a GPU machine "
+                 "(scripts/gpu_check.sh), or check the script with --smoke --device cpu")
+    workers = args.workers or len(os.sched_getaffinity(0))
+    tmp = Path(tempfile.mkdtemp(prefix="ssl_sec_bench_gpu_"))
+    gpu = None
+    if DEVICE.type == "cuda":
+        props = torch.cuda.get_device_properties(DEVICE)
+        gpu = {"name": props.name, "memory_gib": round(props.total_memory / 2**30, 1),
+               "capability": f"{props.major}.{props.minor}",
+               "multiprocessors": props.multi_processor_count,
+               "cuda": torch.version.cuda, "cudnn": torch.backends.cudnn.version()}
+    name = gpu["name"] if gpu else "cpu"
+    print(f"bench_gpu: {name}, runs in {tmp}", flush=True)
+    result: dict = {"gpu": gpu,
+                    "settings": {"epochs": args.epochs, "lightly_steps": args.lightly_steps,
+                                 "workers": workers, "precision": "bf16 autocast (recipe auto)",
+                                 "smoke": args.smoke}}
+    stages = [("pretrain", lambda: pretraining(args.epochs, tmp)),
+              ("step_breakdown", lambda: step_breakdown(RECIPES["simclr"])),
+              ("knn_pass", lambda: knn_pass(tmp / "simclr" / "last.pt")),
+              ("linear_probe", lambda: linear_probe(tmp / "simclr" / "last.pt")),
+              ("lightly_reference", lambda: lightly_reference(args.lightly_steps, workers,
+                                                              warmup=1 if args.smoke else 10))]
+    for key, stage in stages:
+        t0 = time.perf_counter()
+        print(f"bench_gpu: {key} ...", flush=True)
+        result[key] = stage()
+        print(f"bench_gpu: {key} done in {time.perf_counter() - t0:.1f} s: "
+              f"{json.dumps(result[key])[:300]}", flush=True)
+    result["ratio_vs_lightly"] = (result["pretrain"]["simclr"]["images_per_s"]
+                                  / result["lightly_reference"]["images_per_s"])
+    result["tests"] = junit_summary(args.tests_junit)
+    result["targets"] = TARGETS
+    if not args.smoke:
+        slug = re.sub(r"[^a-z0-9]+", "_", name.lower().replace("nvidia", "")).strip("_")
+        write_result(args.out or f"eval/results/gpu_{slug}.json", result)
+    print(f"\nssl_sec GPU check on {name} (torch {torch.__version__})"
+          + ("  [SMOKE RUN: figures mean nothing]" if args.smoke else ""))
+    print(table(result))
+
+
+if __name__ == "__main__":
+    main()
