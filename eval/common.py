@@ -32,12 +32,14 @@ def provenance(**extra_versions: str) -> dict:
     import torchvision
 
     try:
+        if os.environ.get("SSL_SEC_GIT_REV"):  # a copied tree without its own git metadata
+            raise OSError
         rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT,
                              capture_output=True, text=True, check=True).stdout.strip()
         dirty = bool(subprocess.run(["git", "status", "--porcelain", "--", "ssl_sec", "eval"],
                                     cwd=ROOT, capture_output=True, text=True).stdout.strip())
     except (OSError, subprocess.CalledProcessError):
-        rev, dirty = "unknown", False
+        rev, dirty = os.environ.get("SSL_SEC_GIT_REV", "unknown"), False
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
     return {
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),

@@ -204,3 +204,23 @@ def test_autocast_reaches_the_backbone_on_gpu(tmp_path, data_root, monkeypatch):
         steps = [r for r in rows if r["kind"] == "train"]
         assert all(torch.isfinite(torch.tensor(r["loss/total"])) for r in steps)
         assert ("perf/loss_scale" in steps[-1]) == (precision == "fp16")
+
+
+@torch.no_grad()
+def test_cuda_graph_views_equal_op_by_op_views(data_root):
+    """The recorded view (one graph replay) computes what the op-by-op view computes: the same
+    random draws from the same generator state, fresh draws on every call, and the current
+    input (not the one it was recorded with)."""
+    mean, std = NORMALIZATION["cifar10"]
+    x = torch.randint(0, 256, (128, 3, 32, 32), dtype=torch.uint8, device="cuda")
+    y = torch.randint(0, 256, (128, 3, 32, 32), dtype=torch.uint8, device="cuda")
+    aug = ViewAugment(size=32, mean=mean, std=std, blur_p=0.5, solarize_p=0.2).cuda()
+    torch.manual_seed(7)
+    graphed = [aug(x), aug(x), aug(y)]
+    assert len(aug._graphs) == 1
+    torch.manual_seed(7)
+    eager = [aug.view(x), aug.view(x), aug.view(y)]
+    for g, e in zip(graphed, eager, strict=True):
+        torch.testing.assert_close(g, e, rtol=0, atol=1e-5)
+    assert not torch.equal(graphed[0], graphed[1])  # fresh parameters on each replay
+    assert graphed[0].is_contiguous(memory_format=torch.channels_last)
