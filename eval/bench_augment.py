@@ -138,7 +138,7 @@ def main(argv: list[str] | None = None) -> None:
         "ours_threads_1_over_lightly": ips["ours_threads_1"] / ips["lightly_threads_1"],
     }
     result = {
-        "benchmark": "two SimCLR views per image, ssl_sec ViewAugment (batched, kornia) vs "
+        "benchmark": "two SimCLR views per image, ssl_sec ViewAugment (batched) vs "
         "lightly SimCLRTransform (per PIL image), CPU",
         **provenance(pillow=PIL.__version__),
         "settings": {

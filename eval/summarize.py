@@ -26,18 +26,94 @@ def where(d: dict) -> str:
             f"torch {d.get('versions', {}).get('torch')}, git {d.get('git', '?')}, {d.get('date', '')}")
 
 
+def gpu_sections() -> list[str]:
+    """The GPU benchmark (scripts/gpu_check.sh), the GPU quick start and earlier GPU runs."""
+    out: list[str] = []
+    for path in sorted(RESULTS.glob("gpu_*.json")):
+        d = json.loads(path.read_text())
+        g, p, s, k, lin, ly = (d["gpu"], d["pretrain"], d["step_breakdown"], d["knn_pass"],
+                               d["linear_probe"], d["lightly_reference"])
+        t = d.get("tests") or {}
+        out += [f"## GPU: {g['name']} (issue 8)", "",
+                "`bash scripts/gpu_check.sh --wheels DIR`, which ran the GPU tests and then "
+                f"{cmd(d)}; git {d['git']}, {d['date']}, torch {d['versions']['torch']}, "
+                f"{d['machine']['cpu_count']} CPU cores.", "",
+                f"GPU tests (`pytest -m gpu`): {t.get('passed')} passed, {t.get('failed')} failed.", "",
+                "| measure | value | target |", "| --- | --- | --- |"]
+        for method, target in (("simclr", "<= 3 s"), ("moco", "-")):
+            m = p[method]
+            out.append(f"| {m['recipe']}: seconds per epoch (CUDA events; epochs "
+                       f"{', '.join(f'{e:.2f}' for e in m['epoch_seconds'])}; the first autotunes) "
+                       f"| **{m['steady_epoch_seconds']:.2f} s**, {m['images_per_s']:,.0f} img/s "
+                       f"| {target} |")
+        ms = s["ms_per_step"]
+        out += [f"| SimCLR step (batch {s['batch_size']}): two views / model step / full step "
+                f"| {ms['views']:.1f} / {ms['model_step']:.1f} / {ms['full_step']:.1f} ms; "
+                f"augmentation {100 * s['augment_share_of_step']:.1f}% of the step | - |",
+                f"| kNN pass, {k['bank']:,} bank x {k['queries']:,} queries, k={k['k']} "
+                f"(features of both sets + search) | **{k['total_seconds']:.2f} s** "
+                f"({k['extract_seconds']:.2f} + {k['search_seconds_torch']:.3f}; faiss-cpu search "
+                f"{k.get('search_seconds_faiss', float('nan')):.2f} s) | < 1 s |",
+                f"| linear probe, {lin['epochs']} epochs on features ({lin['recipe']}, extraction "
+                f"included) | **{lin['seconds']:.1f} s**, top-1 {lin['top1']:.2f} | < 120 s |",
+                f"| lightly reference (SimCLRTransform in {ly['workers']} DataLoader workers, same "
+                f"model, batch, bf16) | {ly['images_per_s']:,.0f} img/s (loader alone "
+                f"{ly['loader_only_images_per_s']:,.0f}) | - |",
+                f"| ssl_sec / lightly images/s | **{d['ratio_vs_lightly']:.2f}x** | >= 3x |", ""]
+    trials = RESULTS / "gpu_runs" / "h100_lightly_trials.json"
+    if trials.is_file():
+        d = json.loads(trials.read_text())
+        out += ["### The lightly reference varies between trials", "",
+                f"{d['why']}. Command: `{d['command']}`, git {d['git']}.", "",
+                f"Images/s per trial: {', '.join(f'{x:,.0f}' for x in d['images_per_s_trials'])} "
+                f"(median {d['images_per_s_median']:,.0f}); the loader alone: "
+                f"{', '.join(f'{x:,.0f}' for x in d['loader_only_images_per_s_trials'])}. Against "
+                f"ssl_sec's {d['ssl_sec_simclr_images_per_s_same_machine']:,.0f} img/s on the same "
+                f"machine: **{d['ratio_median']:.2f}x** at the median, "
+                f"{d['ratio_range'][0]:.2f}x to {d['ratio_range'][1]:.2f}x over the trials. "
+                "`eval/bench_gpu.py` now drains the prefetched batches before timing and reports "
+                "the median of `--lightly-trials` (default 3).", ""]
+    if d := load("quickstart_gpu_h100"):
+        curve = ", ".join(f"{c['epoch']}: {c['top1']:.2f}" for c in d["knn_curve"])
+        out += ["## GPU quick start (issue 8)", "", f"`{d['ran']}`; git {d['git']}; "
+                f"{d.get('ran_on', '')}.", "",
+                f"`{d['recipe']}`: {d['epochs']} epochs, median epoch {d['epoch_seconds_median']:.2f} s "
+                f"(training {d['train_seconds_sum']:.0f} s), pretraining + kNN "
+                f"**{d['wall_seconds_end_to_end']} s** end to end; final kNN top-1 "
+                f"**{d['final_knn']['top1']:.2f}** (top-5 {d['final_knn']['top5']:.2f}). kNN top-1 by "
+                f"epoch: {curve}.", ""]
+    earlier = sorted((RESULTS / "gpu_runs").glob("h100_run*.json"))
+    if earlier:
+        out += ["### Earlier H100 runs of the same benchmark", "",
+                "| run | SimCLR epoch s | views / model / full step ms | MoCo epoch s | lightly img/s | ratio |",
+                "| --- | --- | --- | --- | --- | --- |"]
+        for path in earlier:
+            d = json.loads(path.read_text())
+            ms = d["step_breakdown"]["ms_per_step"]
+            out.append(f"| `{path.relative_to(RESULTS.parent)}` (git {d['git']}) "
+                       f"| {d['pretrain']['simclr']['steady_epoch_seconds']:.2f} "
+                       f"| {ms['views']:.1f} / {ms['model_step']:.1f} / {ms['full_step']:.1f} "
+                       f"| {d['pretrain']['moco']['steady_epoch_seconds']:.2f} "
+                       f"| {d['lightly_reference']['images_per_s']:,.0f} | {d['ratio_vs_lightly']:.2f}x |")
+        out += ["", "Run 1 made the views op by op (22.8 ms, host-bound); run 2 replays them as a "
+                "CUDA graph (3.2 ms). Run 1's git field is the checkout's original HEAD (the copied "
+                "tree carried no newer git metadata; its code was commit 1320c8d).", ""]
+    return out
+
+
 def main() -> None:
     out = ["# Results", "",
            "Generated by `python eval/summarize.py` from `eval/results/*.json`; each section names "
-           "the command that wrote its JSON. All figures were measured on the CPU (2 cores); no "
-           "GPU was lent to the sessions that produced them, so no GPU figures are given.", ""]
+           "the command that wrote its JSON. The GPU sections were measured on a lent NVIDIA H100 "
+           "(issue 8); every other figure on the project's 2-core CPU.", ""]
+    out += gpu_sections()
 
     if d := load("augment_cpu"):
         ips = d["images_per_second"]
         r = d["ratio"]
         out += ["## Augmentation throughput (issue 2; target >= 3x)", "", cmd(d), "",
                 "| pipeline | images/s (two views, batch 512) |", "| --- | --- |",
-                f"| ssl_sec ViewAugment (kornia, batched), default threads | {ips['ours_default_threads']:.0f} |",
+                f"| ssl_sec ViewAugment (batched), default threads | {ips['ours_default_threads']:.0f} |",
                 f"| lightly SimCLRTransform per PIL image, default threads | {ips['lightly_default_threads']:.0f} |",
                 f"| ssl_sec, 1 thread | {ips['ours_threads_1']:.0f} |",
                 f"| lightly, 1 thread | {ips['lightly_threads_1']:.0f} |", "",
