@@ -7,7 +7,7 @@ One batch of real CIFAR-10 training images; two SimCLR views per image with the 
 (RandomResizedCrop 32 scale (0.08, 1), flip 0.5, colour jitter 0.8 x (0.4, 0.4, 0.4, 0.1),
 greyscale 0.2, no blur, CIFAR-10 normalisation), in the same process on the same machine:
 
-* ours: ``ViewAugment`` on the uint8 batch (B, 3, 32, 32), called twice (``make_views``);
+* ours: ``ViewAugment`` on the uint8 batch (B, 3, 32, 32), called twice (``TwoViews``);
 * lightly: ``SimCLRTransform`` on one PIL image at a time, as a Dataset's ``__getitem__`` does
   (``Image.fromarray`` of the HWC array, as torchvision's CIFAR10 does, then the transform), and the
   views stacked into two (B, 3, 32, 32) tensors as the default collate does.
@@ -36,7 +36,7 @@ from PIL import Image
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import cpu_model, provenance  # noqa: E402
 
-from ssl_sec.augment import ViewAugment, make_views
+from ssl_sec.augment import TwoViews, ViewAugment
 from ssl_sec.data import NORMALIZATION, load_cifar
 
 REPO = Path(__file__).resolve().parents[1]
@@ -107,7 +107,7 @@ def main(argv: list[str] | None = None) -> None:
     theirs = lightly_transform(mean, std)
 
     def run_ours():
-        return make_views(ours, ours, images)
+        return TwoViews(ours)(images)
 
     def run_lightly():
         views = [theirs(Image.fromarray(a)) for a in hwc]

@@ -44,11 +44,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import ROOT, run_training, write_result  # noqa: E402
 
 from ssl_sec.config import load_recipe  # noqa: E402
-from ssl_sec.data import NORMALIZATION, DeviceLoader  # noqa: E402
+from ssl_sec.data import NORMALIZATION, DeviceLoader, load_splits  # noqa: E402
 from ssl_sec.engine import (  # noqa: E402
     build_augment,
     build_model,
-    load_splits,
     make_views,
     optimize_step,
 )
@@ -150,7 +149,7 @@ def pretraining(epochs: int, out_dir: Path) -> dict:
 def step_breakdown(recipe: str, steps: int = 30) -> dict:
     cfg = load_recipe(ROOT / recipe, [f"device={DEVICE}", *EXTRA])
     device = DEVICE
-    train_set, _ = load_splits(cfg)
+    train_set = load_splits(cfg.data).pretrain
     loader = DeviceLoader(train_set.images.to(device), train_set.labels.to(device),
                           cfg.optim.batch_size, generator=torch.Generator().manual_seed(0))
     augment, _ = build_augment(cfg, device)
@@ -196,7 +195,8 @@ def knn_pass(checkpoint: Path) -> dict:
     cfg = checkpoint_config(checkpoint, ckpt, [f"device={DEVICE}"])
     device = DEVICE
     backbone = to_device(backbone_from_checkpoint(checkpoint, ckpt, cfg), cfg, device)
-    train_set, test_set = load_splits(cfg)
+    splits = load_splits(cfg.data)
+    train_set, test_set = splits.bank, splits.test
     bank_x, query_x = train_set.images.to(device), test_set.images.to(device)
     bank_y = train_set.labels.to(device)
     transform = eval_transform_for(cfg, "cifar10", device)

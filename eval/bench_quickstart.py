@@ -32,7 +32,8 @@ from common import ROOT, write_result  # noqa: E402
 from ssl_sec.checkpoint import load_checkpoint  # noqa: E402
 from ssl_sec.config import from_dict, load_recipe  # noqa: E402
 from ssl_sec.cpu_memory import keep_freed_memory  # noqa: E402
-from ssl_sec.engine import build_augment, build_model, knn_monitor, load_splits, train  # noqa: E402
+from ssl_sec.data import load_splits  # noqa: E402
+from ssl_sec.engine import build_augment, build_model, knn_monitor, train  # noqa: E402
 from ssl_sec.evaluation.knn import knn_evaluate  # noqa: E402
 
 
@@ -63,7 +64,8 @@ def main() -> None:
             train_s = time.perf_counter() - t0
             ckpt = Path(tmp) / "qs" / "last.pt"
         device = torch.device("cpu")
-        train_set, test_set = load_splits(cfg)
+        splits = load_splits(cfg.data)
+        train_set, test_set = splits.bank, splits.test
         _, transform = build_augment(cfg, device)
         train_xy = (train_set.images, train_set.labels)
         test_xy = (test_set.images, test_set.labels)

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from ssl_sec.data.registry import DATASETS
+
 ROOT = Path(__file__).resolve().parents[1] / "recipes"
 
 # Circle's margin and gamma: the best mean over 3 seeds in eval/sweep_circle.py (see
@@ -109,11 +111,12 @@ CIRCLE_TEXT = f"""\
 OBJECTIVES = {"": ("InfoNCE", ""), "_sec": ("InfoNCE + SEC", SEC),
               "_circle": ("InfoNCE + Circle", CIRCLE_TEXT),
               "_sec_circle": ("InfoNCE + SEC + Circle", SEC + CIRCLE_TEXT)}
-DATASETS = {"cifar10": "CIFAR-10", "cifar100": "CIFAR-100"}
+# The in-memory 32x32 datasets of the registry (image folders have their own recipes).
+GRID = {name: spec.title for name, spec in DATASETS.items() if not spec.folder}
 
 
 def main() -> None:
-    for dataset, pretty in DATASETS.items():
+    for dataset, pretty in GRID.items():
         for method, body in METHOD.items():
             for suffix, (title, loss) in OBJECTIVES.items():
                 name = f"{dataset}-{method}{suffix.replace('_', '-')}"

@@ -54,7 +54,7 @@ __all__ = [
     "ViewParams",
     "EvalTransform",
     "LinearTrainAugment",
-    "make_views",
+    "TwoViews",
     "preview_grid",
     "sample_crop_boxes",
     "resized_crop",
@@ -618,14 +618,23 @@ class LinearTrainAugment(nn.Module):
         return out.permute(0, 3, 1, 2)                                 # (B, 3, size, size)
 
 
-def make_views(
-    aug1: nn.Module, aug2: nn.Module, batch: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Two augmented views of one uint8 batch; ``aug2`` may be ``aug1`` (two independent draws).
+class TwoViews(nn.Module):
+    """The two views of a training step: view 1 with `first`'s settings, view 2 with
+    `second`'s (asymmetric views, e.g. blur 1.0 / 0.1 and solarize 0 / 0.2 on ImageNet);
+    `second=None` uses `first` for both, drawn independently.
 
-    Shape: ``(B, 3, H, W)`` uint8 -> two ``(B, 3, h, w)`` float32 tensors.
+    Shape: uint8 ``(B, 3, H, W)`` -> two ``(B, 3, size, size)`` float32. A second uint8 batch,
+    when given, is the second view's own input (crops a streaming loader cut per view).
     """
-    return aug1(batch), aug2(batch)
+
+    def __init__(self, first: nn.Module, second: nn.Module | None = None) -> None:
+        super().__init__()
+        self.first = first
+        self.second = first if second is None else second
+
+    def forward(self, images: torch.Tensor, images2: torch.Tensor | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.first(images), self.second(images if images2 is None else images2)
 
 
 def preview_grid(

@@ -16,10 +16,10 @@ from typing import Any
 
 import yaml
 
+from .data.registry import DATASETS
 from .errors import ConfigError
 from .runtime import PRECISIONS
 
-DATASETS = ("cifar10", "cifar100", "imagefolder")
 METHODS = ("simclr", "moco")
 ARCHS = ("resnet18", "resnet34", "resnet50")
 
@@ -40,6 +40,22 @@ class DataConfig:
     image_size: int = 64
     # ImageFolder only: a file with one class folder name (WNID) per line, e.g. ImageNet-100.
     classes_file: str | None = None
+    # ImageFolder only. "memory": decode the set once at image_size and keep it on the device;
+    # "stream": read the files from disk every epoch (crops from the full-resolution photos,
+    # ssl_sec/data/stream.py); "auto": memory when the decoded set fits memory_budget_gb.
+    # CIFAR is always in memory.
+    mode: str = "auto"
+    memory_budget_gb: float = 8.0
+    # Stream: DataLoader worker processes (null = every core of the machine).
+    workers: int | None = None
+    # Stream: "cpu" decodes in the workers; "gpu" has them read the file bytes only and the
+    # device decode the JPEGs (torchvision.io.decode_jpeg on CUDA).
+    decode: str = "cpu"
+    # A file that cannot be read stops the run with its name; true: leave it out (reported once).
+    skip_bad_images: bool = False
+    # Stream evaluation view: shorter side resized to this before the centre crop at
+    # augment.size (null: augment.size / 0.875, i.e. 256 for 224).
+    eval_resize: int | None = None
 
 
 @dataclass
@@ -152,6 +168,10 @@ class Config:
     ckpt_every: int = 50
     data: DataConfig = field(default_factory=DataConfig)
     augment: AugmentConfig = field(default_factory=AugmentConfig)
+    # The second view's augmentation when the views differ (BYOL's and solo-learn's
+    # ImageNet setting: blur 1.0 / 0.1, solarize 0 / 0.2). Keys it does not give take
+    # `augment`'s values; absent = both views use `augment`.
+    augment2: AugmentConfig | None = None
     model: ModelConfig = field(default_factory=ModelConfig)
     moco: MocoConfig = field(default_factory=MocoConfig)
     loss: LossConfig = field(default_factory=LossConfig)
@@ -256,17 +276,34 @@ def _check_ranges(cfg: Config) -> None:
     need(d.train_subset >= 0, "data.train_subset", d.train_subset, ">= 0")
     need(d.test_subset >= 0, "data.test_subset", d.test_subset, ">= 0")
     need(d.image_size >= 8, "data.image_size", d.image_size, ">= 8")
-    a = cfg.augment
-    need(a.size >= 8, "augment.size", a.size, ">= 8")
-    for key in ("hflip_p", "jitter_p", "gray_p", "blur_p", "solarize_p"):
-        v = getattr(a, key)
-        need(0.0 <= v <= 1.0, f"augment.{key}", v, "a probability in [0, 1]")
-    for key in ("brightness", "contrast", "saturation"):
-        need(getattr(a, key) >= 0, f"augment.{key}", getattr(a, key), ">= 0")
-    need(0.0 <= a.hue <= 0.5, "augment.hue", a.hue, "in [0, 0.5]")
-    pair("augment.crop_scale", a.crop_scale, 1e-6, 1.0)
-    pair("augment.crop_ratio", a.crop_ratio, 1e-6, 1e6)
-    pair("augment.blur_sigma", a.blur_sigma, 1e-6, 1e6)
+    choice("data.mode", d.mode, ("auto", "memory", "stream"))
+    need(d.memory_budget_gb > 0, "data.memory_budget_gb", d.memory_budget_gb, "> 0")
+    need(d.workers is None or d.workers >= 0, "data.workers", d.workers, ">= 0 (null: every core)")
+    choice("data.decode", d.decode, ("cpu", "gpu"))
+    need(d.eval_resize is None or d.eval_resize >= cfg.augment.size, "data.eval_resize",
+         d.eval_resize, f">= augment.size={cfg.augment.size} (null: augment.size / 0.875)")
+    if d.mode == "stream" and not DATASETS[d.dataset].folder:
+        need(False, "data.mode", d.mode, f"memory or auto for {d.dataset} (only image folders "
+             "are streamed)")
+    if d.decode == "gpu":
+        need(d.mode != "memory", "data.decode", d.decode, "cpu with data.mode=memory (GPU "
+             "decoding is a streaming option)")
+    for section, a in (("augment", cfg.augment), ("augment2", cfg.augment2)):
+        if a is None:
+            continue
+        need(a.size >= 8, f"{section}.size", a.size, ">= 8")
+        for key in ("hflip_p", "jitter_p", "gray_p", "blur_p", "solarize_p"):
+            v = getattr(a, key)
+            need(0.0 <= v <= 1.0, f"{section}.{key}", v, "a probability in [0, 1]")
+        for key in ("brightness", "contrast", "saturation"):
+            need(getattr(a, key) >= 0, f"{section}.{key}", getattr(a, key), ">= 0")
+        need(0.0 <= a.hue <= 0.5, f"{section}.hue", a.hue, "in [0, 0.5]")
+        pair(f"{section}.crop_scale", a.crop_scale, 1e-6, 1.0)
+        pair(f"{section}.crop_ratio", a.crop_ratio, 1e-6, 1e6)
+        pair(f"{section}.blur_sigma", a.blur_sigma, 1e-6, 1e6)
+    if cfg.augment2 is not None:
+        need(cfg.augment2.size == cfg.augment.size, "augment2.size", cfg.augment2.size,
+             f"equal to augment.size={cfg.augment.size} (both views go through one batch)")
     m = cfg.model
     choice("model.arch", m.arch, ARCHS)
     need(m.proj_hidden_dim >= 1, "model.proj_hidden_dim", m.proj_hidden_dim, ">= 1")
@@ -350,6 +387,16 @@ def _type_ok(value: Any, hint: Any) -> Any:
     raise TypeError
 
 
+def _section_type(hint: Any) -> type | None:
+    """The dataclass a field holds (`Section` or `Section | None`), else None."""
+    if dataclasses.is_dataclass(hint):
+        return hint
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        found = [a for a in typing.get_args(hint) if dataclasses.is_dataclass(a)]
+        return found[0] if found else None
+    return None
+
+
 def _type_name(hint: Any) -> str:
     return str(hint).replace("typing.", "").replace("<class '", "").replace("'>", "")
 
@@ -366,8 +413,12 @@ def _build(cls: type, values: dict, prefix: str) -> Any:
             hint = f" (did you mean {', '.join(close)}?)" if close else ""
             raise ConfigError(f"unknown key '{prefix}{key}'{hint}; valid keys: {', '.join(fields)}")
         hint = hints[key]
-        if dataclasses.is_dataclass(hint):
-            kwargs[key] = _build(hint, value, f"{prefix}{key}.")
+        section = _section_type(hint)
+        if section is not None:
+            # A section (a nested dataclass); an optional one (augment2) may be null.
+            optional = section is not hint
+            kwargs[key] = None if value is None and optional else \
+                _build(section, value, f"{prefix}{key}.")
             continue
         try:
             kwargs[key] = _type_ok(value, hint)
@@ -415,6 +466,10 @@ def _merge(base: dict, extra: dict) -> dict:
 def from_dict(values: dict, overrides: list[str] | None = None) -> Config:
     """Build and validate a Config from a nested dict plus dotted overrides."""
     merged = _merge(values or {}, parse_overrides(overrides or []))
+    if isinstance(merged.get("augment2"), dict):
+        # The second view's keys that are not given take the first view's values.
+        first = _build(AugmentConfig, merged.get("augment", {}), "augment.")
+        merged["augment2"] = {**dataclasses.asdict(first), **merged["augment2"]}
     cfg = _build(Config, merged, "")
     _check_ranges(cfg)
     return cfg

@@ -18,10 +18,10 @@ from torch.utils.tensorboard import SummaryWriter
 
 from . import config as config_mod
 from . import distributed as dist
-from .augment import EvalTransform, ViewAugment, preview_grid
+from .augment import EvalTransform, TwoViews, ViewAugment, preview_grid
 from .checkpoint import FORMAT_VERSION, atomic_save, load_checkpoint, rng_state, set_rng_state
-from .config import Config
-from .data import NORMALIZATION, DeviceLoader, ImageSet, load_dataset
+from .config import AugmentConfig, Config
+from .data import NORMALIZATION, DeviceLoader, load_splits
 from .errors import CheckpointError, ConfigError, UserError
 from .evaluation.features import extract_features
 from .evaluation.knn import knn_evaluate
@@ -32,38 +32,28 @@ from .runtime import autocast_for, backends, effective_precision, grad_scaler, r
 # Keys that may differ between a run and its resumption: where things are and how often
 # to log or evaluate. Everything else changes the optimisation and must match.
 RESUMABLE_CHANGES = ("device", "log_every", "ckpt_every", "data.root", "data.download",
-                     "eval.knn_every", "eval.knn_backend", "eval.knn_memory_mb")
+                     "data.workers", "data.memory_budget_gb", "eval.knn_every",
+                     "eval.knn_backend", "eval.knn_memory_mb")
 
 
 # ----------------------------------------------------------------------------- setup
-def load_splits(cfg: Config) -> tuple[ImageSet, ImageSet]:
-    """Train and test ImageSets as the recipe asks (class subset, first-N subsets)."""
-    d = cfg.data
-    sets = []
-    for train, limit in ((True, d.train_subset), (False, d.test_subset)):
-        ds = load_dataset(d.dataset, root=d.root, train=train, download=d.download,
-                          image_size=d.image_size, classes_file=d.classes_file)
-        if d.classes is not None:
-            bad = [c for c in d.classes if not 0 <= c < len(ds.classes)]
-            if bad:
-                raise ConfigError(f"data.classes has ids {bad} outside 0..{len(ds.classes) - 1} "
-                                  f"of {d.dataset}")
-            ds = ds.select_classes(d.classes)
-        if limit:
-            ds = ds.subset(torch.arange(min(limit, len(ds.labels))))
-        sets.append(ds)
-    return sets[0], sets[1]
+def view_augment(a: AugmentConfig, dataset: str) -> ViewAugment:
+    """One view's augmentation from its recipe section."""
+    mean, std = NORMALIZATION[dataset]
+    return ViewAugment(size=a.size, crop_scale=tuple(a.crop_scale), crop_ratio=tuple(a.crop_ratio),
+                       hflip_p=a.hflip_p, jitter_p=a.jitter_p, brightness=a.brightness,
+                       contrast=a.contrast, saturation=a.saturation, hue=a.hue, gray_p=a.gray_p,
+                       blur_p=a.blur_p, blur_sigma=tuple(a.blur_sigma),
+                       solarize_p=a.solarize_p, mean=mean, std=std)
 
 
-def build_augment(cfg: Config, device: torch.device) -> tuple[ViewAugment, EvalTransform]:
-    a = cfg.augment
+def build_augment(cfg: Config, device: torch.device) -> tuple[TwoViews, EvalTransform]:
+    """The two views (`augment`, and `augment2` when the views differ) and the eval view."""
+    first = view_augment(cfg.augment, cfg.data.dataset)
+    second = None if cfg.augment2 is None else view_augment(cfg.augment2, cfg.data.dataset)
     mean, std = NORMALIZATION[cfg.data.dataset]
-    views = ViewAugment(size=a.size, crop_scale=tuple(a.crop_scale), crop_ratio=tuple(a.crop_ratio),
-                        hflip_p=a.hflip_p, jitter_p=a.jitter_p, brightness=a.brightness,
-                        contrast=a.contrast, saturation=a.saturation, hue=a.hue, gray_p=a.gray_p,
-                        blur_p=a.blur_p, blur_sigma=tuple(a.blur_sigma),
-                        solarize_p=a.solarize_p, mean=mean, std=std)
-    return views.to(device), EvalTransform(size=a.size, mean=mean, std=std).to(device)
+    eval_view = EvalTransform(size=cfg.augment.size, mean=mean, std=std)
+    return TwoViews(first, second).to(device), eval_view.to(device)
 
 
 def build_model(cfg: Config, device: torch.device) -> torch.nn.Module:
@@ -156,9 +146,10 @@ def knn_monitor(backbone: torch.nn.Module, train: tuple[torch.Tensor, torch.Tens
 
 # ----------------------------------------------------------------------------- one step
 @torch.no_grad()
-def make_views(augment: torch.nn.Module, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Two independent random views of a uint8 batch, made on the batch's device."""
-    return augment(images), augment(images)
+def make_views(views: torch.nn.Module, *images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The two random views of a uint8 batch (or of its two per-view crops), made on the
+    batch's device."""
+    return views(*images)
 
 
 def optimize_step(model: torch.nn.Module, v1: torch.Tensor, v2: torch.Tensor,
@@ -217,16 +208,19 @@ def _train(cfg: Config, device: torch.device, resume: bool, progress_bar: bool |
         check_resume_config(ckpt["config"], cfg)
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
-    train_set, test_set = load_splits(cfg)
-    if cfg.optim.batch_size > len(train_set.labels):
+    splits = load_splits(cfg.data)
+    if cfg.optim.batch_size > len(splits.pretrain.labels):
         raise ConfigError(f"optim.batch_size={cfg.optim.batch_size} is larger than the "
-                          f"{len(train_set.labels)} training images; lower it or use more data")
+                          f"{len(splits.pretrain.labels)} training images; lower it or use more "
+                          "data")
     # The whole uint8 set lives on the device; batches are index_select'ed there.
-    train_x, train_y = train_set.images.to(device), train_set.labels.to(device)
-    test_x, test_y = test_set.images.to(device), test_set.labels.to(device)
-    loader = DeviceLoader(train_x, train_y, cfg.optim.batch_size, shuffle=True, drop_last=True,
+    pretrain_x = splits.pretrain.images.to(device)
+    loader = DeviceLoader(pretrain_x, splits.pretrain.labels.to(device), cfg.optim.batch_size,
+                          shuffle=True, drop_last=True,
                           generator=torch.Generator().manual_seed(cfg.seed), shard=(rank, world))
-    augment, eval_transform = build_augment(cfg, device)
+    bank = (splits.bank.images.to(device), splits.bank.labels.to(device))
+    test = (splits.test.images.to(device), splits.test.labels.to(device))
+    views, eval_transform = build_augment(cfg, device)
 
     # -- model, objective, optimizer -------------------------------------------------------
     core = build_model(cfg, device)
@@ -261,8 +255,9 @@ def _train(cfg: Config, device: torch.device, resume: bool, progress_bar: bool |
         (paths.root / "config.yaml").write_text(config_mod.to_yaml(cfg))
     say("config:\n" + config_mod.to_yaml(cfg).rstrip())
     say(f"run directory: {paths.root}  (TensorBoard: tensorboard --logdir {paths.root / 'tb'})")
-    say(f"device {device} x {world} process(es), {len(train_set.labels)} train / "
-        f"{len(test_set.labels)} test images, {steps_per_epoch} steps/epoch, "
+    say(f"device {device} x {world} process(es), {len(splits.pretrain.labels)} pretraining / "
+        f"{len(splits.bank.labels)} kNN-bank / {len(splits.test.labels)} test images, "
+        f"{steps_per_epoch} steps/epoch, "
         f"{cfg.optim.epochs} epochs")
     precision = effective_precision(device, cfg.precision)
     say(f"precision: {precision}" + (" autocast" if precision != "fp32" else "")
@@ -277,10 +272,11 @@ def _train(cfg: Config, device: torch.device, resume: bool, progress_bar: bool |
         # Augmentation previews use their own generator state: they must not shift the
         # training RNG stream (a resumed run has to replay the same draws).
         with torch.no_grad(), torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-            sample, stats = train_x[:16], NORMALIZATION[cfg.data.dataset]
+            sample, stats = pretrain_x[:16], NORMALIZATION[cfg.data.dataset]
+            view1, view2 = views(sample)
             log.tb.add_image("augment/original", preview_grid(eval_transform(sample), *stats), 0)
-            log.tb.add_image("augment/view1", preview_grid(augment(sample), *stats), 0)
-            log.tb.add_image("augment/view2", preview_grid(augment(sample), *stats), 0)
+            log.tb.add_image("augment/view1", preview_grid(view1, *stats), 0)
+            log.tb.add_image("augment/view2", preview_grid(view2, *stats), 0)
     show_bar = sys.stderr.isatty() if progress_bar is None else progress_bar
     result: dict = {}
     nonfinite = torch.zeros((), dtype=torch.bool, device=device)
@@ -295,18 +291,18 @@ def _train(cfg: Config, device: torch.device, resume: bool, progress_bar: bool |
         t_log, n_log = timer.start, 0
         bar = _bar(steps_per_epoch, epoch, cfg.optim.epochs, show_bar)
         lines = None if bar is not None else ProgressLines(epoch, cfg.optim.epochs, steps_per_epoch)
-        for i, (images, _) in enumerate(loader):
+        for i, (*images, _) in enumerate(loader):
             lr = lr_at(step, total_steps, warmup_steps, cfg.optim.lr, cfg.optim.min_lr_ratio)
             set_lr(optimizer, lr)
             progress = step / max(total_steps - 1, 1)
-            v1, v2 = make_views(augment, images)
+            v1, v2 = make_views(views, *images)
             log_now = (step + 1) % cfg.log_every == 0 or (step + 1) % steps_per_epoch == 0
             terms, stepped = optimize_step(model, v1, v2, optimizer, scaler, cfg, progress,
                                            log_now)
             # Finite-loss guard without a host sync per step: remember, check at log time.
             nonfinite |= ~torch.isfinite(terms.losses["total"])
             step += 1
-            n_log += images.shape[0]
+            n_log += images[0].shape[0]
             if not stepped:
                 skipped += 1
                 if skipped <= 20 or skipped % 100 == 0:
@@ -351,8 +347,7 @@ def _train(cfg: Config, device: torch.device, resume: bool, progress_bar: bool |
         every = cfg.eval.knn_every
         if last or (every and epoch_done % every == 0):
             t0 = time.perf_counter()
-            acc = knn_monitor(core.backbone, (train_x, train_y), (test_x, test_y),
-                              eval_transform, cfg)
+            acc = knn_monitor(core.backbone, bank, test, eval_transform, cfg)
             knn_s = time.perf_counter() - t0
             log.scalars(step, {"knn/top1": acc["top1"], "knn/top5": acc["top5"],
                                "perf/knn_seconds": knn_s}, "knn")

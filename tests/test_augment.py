@@ -15,9 +15,9 @@ from ssl_sec.augment import (
     _JITTER_STEPS,
     EvalTransform,
     LinearTrainAugment,
+    TwoViews,
     ViewAugment,
     _gaussian_blur,
-    make_views,
     preview_grid,
     resized_crop,
     sample_crop_boxes,
@@ -197,7 +197,7 @@ def test_per_sample_randomness(batch: torch.Tensor) -> None:
     flat = out.flatten(1)
     distinct = {tuple(row.tolist()) for row in flat}
     assert len(distinct) == 16  # every copy of the image got its own crop/jitter
-    v1, v2 = make_views(aug, aug, batch)
+    v1, v2 = TwoViews(aug)(batch)
     assert not torch.equal(v1, v2)
     assert (v1 - v2).abs().flatten(1).amax(1).gt(0).all()
 
@@ -307,3 +307,15 @@ def test_preview_grid_roundtrip(batch: torch.Tensor) -> None:
     assert (one.int() - batch[0].int()).abs().max() <= 1  # denormalised back to the pixels
     grid = preview_grid(views, MEAN, STD, n=16)
     assert grid.shape == (3, 4 * 34 + 2, 4 * 34 + 2)
+
+
+def test_two_views_follow_their_own_settings(batch: torch.Tensor) -> None:
+    """Asymmetric views: view 2 is always greyscale and solarised, view 1 never."""
+    first = ViewAugment(size=32, **UNIT, **IDENTITY)
+    second = ViewAugment(size=32, **UNIT, **{**IDENTITY, "gray_p": 1.0, "solarize_p": 1.0})
+    v1, v2 = TwoViews(first, second)(batch)
+    assert torch.allclose(v1, _unit(batch), atol=1e-6, rtol=0)
+    assert torch.equal(v2[:, 0], v2[:, 1]) and (v2 <= 0.5 + 1e-6).all()  # grey, inverted above 0.5
+    crops = (batch, batch.flip(-1))  # a second batch: the second view's own input
+    w1, w2 = TwoViews(first)(*crops)
+    assert torch.allclose(w2, _unit(batch).flip(-1), atol=1e-6, rtol=0)

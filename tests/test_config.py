@@ -84,3 +84,25 @@ def test_yaml_round_trip():
     import yaml
 
     assert from_dict(yaml.safe_load(to_yaml(cfg))) == cfg
+
+
+def test_dataset_names_come_from_the_registry():
+    from ssl_sec.data import DATASETS
+
+    for name in DATASETS:
+        assert from_dict({}, [f"data.dataset={name}"]).data.dataset == name
+    with pytest.raises(ConfigError, match="data.dataset"):
+        from_dict({}, ["data.dataset=stl10"])
+
+
+def test_augment2_inherits_unset_keys_and_must_match_the_size():
+    cfg = from_dict({"augment": {"size": 64, "blur_p": 1.0, "hue": 0.2},
+                     "augment2": {"blur_p": 0.1, "solarize_p": 0.2}})
+    assert (cfg.augment2.size, cfg.augment2.hue, cfg.augment2.blur_p) == (64, 0.2, 0.1)
+    assert cfg.augment.solarize_p == 0.0 and cfg.augment2.solarize_p == 0.2
+    assert from_dict({}).augment2 is None and from_dict({"augment2": None}).augment2 is None
+    with pytest.raises(ConfigError, match="augment2.size"):
+        from_dict({"augment2": {"size": 48}})
+    with pytest.raises(ConfigError, match="augment2.solarize_p"):
+        from_dict({}, ["augment2.solarize_p=2"])
+    assert "augment2" in to_yaml(cfg)

@@ -345,3 +345,16 @@ def test_iterate_chunks_keeps_partial_batch() -> None:
     chunks = list(iterate_chunks(images, 10))
     assert [c.shape[0] for c in chunks] == [10, 10, 3]
     assert torch.equal(torch.cat(chunks), images)
+
+
+def test_splits_separate_pretraining_bank_and_test() -> None:
+    from ssl_sec.config import from_dict
+    from ssl_sec.data import load_splits
+
+    cfg = from_dict({}, [f"data.root={DATA}", "data.dataset=cifar100", "data.train_subset=100",
+                         "data.test_subset=50", "data.classes=[0,1,2,3,4]"])
+    splits = load_splits(cfg.data)
+    assert splits.mode == "memory" and splits.pretrain is splits.bank  # CIFAR: same images
+    assert len(splits.bank) <= 100 and len(splits.test) <= 50
+    assert set(splits.test.labels.tolist()) <= {0, 1, 2, 3, 4}
+    assert splits.num_classes == 100

@@ -18,12 +18,11 @@ from ssl_sec import engine
 from ssl_sec.augment import LinearTrainAugment, ViewAugment
 from ssl_sec.checkpoint import load_checkpoint
 from ssl_sec.config import load_recipe
-from ssl_sec.data import NORMALIZATION, DeviceLoader
+from ssl_sec.data import NORMALIZATION, DeviceLoader, load_splits
 from ssl_sec.engine import (
     build_augment,
     build_model,
     knn_monitor,
-    load_splits,
     make_views,
     optimize_step,
     train,
@@ -57,7 +56,8 @@ def trained(tmp_path_factory, data_root) -> dict:
         result = train(cfg, progress_bar=False)
         torch.manual_seed(cfg.seed)
         init = build_model(cfg, torch.device("cuda"))
-        train_set, test_set = load_splits(cfg)
+        splits = load_splits(cfg.data)
+        train_set, test_set = splits.bank, splits.test
         augment, transform = build_augment(cfg, torch.device("cuda"))
         base = knn_monitor(init.backbone, (train_set.images.cuda(), train_set.labels.cuda()),
                            (test_set.images.cuda(), test_set.labels.cuda()), transform, cfg)
@@ -83,7 +83,7 @@ def test_training_learns_in_bf16_channels_last(trained, method):
 def _step_setup(method: str, tmp_path: Path, batch: int = 256):
     cfg = _recipe(method, tmp_path, f"optim.batch_size={batch}", "data.train_subset=4096")
     device = torch.device("cuda")
-    train_set, _ = load_splits(cfg)
+    train_set = load_splits(cfg.data).pretrain
     loader = DeviceLoader(train_set.images.to(device), train_set.labels.to(device), batch,
                           generator=torch.Generator().manual_seed(0))
     augment, _ = build_augment(cfg, device)

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from ssl_sec.config import from_dict
-from ssl_sec.engine import load_splits
+from ssl_sec.data import load_splits
 from ssl_sec.errors import UserError
 from ssl_sec.evaluation.kshot import (
     fit_logistic,
@@ -119,7 +119,8 @@ def test_parse_classes():
 def test_source_only_pretraining_config_sees_only_source_classes(data_root):
     source = list(range(50))
     cfg = from_dict({}, ["data.dataset=cifar100", f"data.classes={source}"])
-    train_set, test_set = load_splits(cfg)
+    splits = load_splits(cfg.data)
+    train_set, test_set = splits.bank, splits.test
     assert int(train_set.labels.max()) < 50 and int(test_set.labels.max()) < 50
     assert set(train_set.labels.tolist()) == set(source)
 

@@ -85,9 +85,11 @@ def test_full_mode_keeps_backbone_and_bn_buffers_bit_identical(make_checkpoint, 
     assert bn_before
 
     from ssl_sec.augment import EvalTransform, LinearTrainAugment
-    from ssl_sec.engine import load_splits
+    from ssl_sec.data import load_splits
 
-    train_set, test_set = load_splits(cfg)
+    splits = load_splits(cfg.data)
+
+    train_set, test_set = splits.bank, splits.test
     mean, std = NORMALIZATION["cifar10"]
     augment = LinearTrainAugment(size=32, mean=mean, std=std)
     from ssl_sec.evaluation.features import extract_features

@@ -12,8 +12,8 @@ import torch
 
 from ssl_sec.augment import EvalTransform
 from ssl_sec.config import from_dict
-from ssl_sec.data import NORMALIZATION
-from ssl_sec.engine import build_model, load_splits
+from ssl_sec.data import NORMALIZATION, load_splits
+from ssl_sec.engine import build_model
 from ssl_sec.errors import UserError
 from ssl_sec.evaluation import norms as norms_mod
 from ssl_sec.evaluation.norms import embed_norms, norm_statistics, norms_command
@@ -50,7 +50,7 @@ def test_norms_command_writes_json_and_png_matching_a_direct_computation(make_ch
     model = build_model(cfg, torch.device("cpu"))
     model.load_state_dict(ckpt["model"])
     model.eval()
-    _, test_set = load_splits(cfg)
+    test_set = load_splits(cfg.data).test
     mean, std = NORMALIZATION["cifar10"]
     with torch.no_grad():
         h = model.encoder.backbone(EvalTransform(size=32, mean=mean, std=std)(test_set.images))

@@ -22,7 +22,7 @@ from PIL import Image, UnidentifiedImageError
 from ssl_sec.data.cifar import ImageSet
 from ssl_sec.errors import ConfigError, DataError
 
-__all__ = ["load_imagefolder", "read_class_file", "IMG_EXTENSIONS"]
+__all__ = ["load_imagefolder", "list_images", "read_class_file", "IMG_EXTENSIONS"]
 
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 
@@ -64,6 +64,56 @@ def _decode(path: Path, size: int) -> np.ndarray:
         raise DataError(f"cannot decode image {path} ({e})") from e
 
 
+def list_images(
+    root: str | os.PathLike[str],
+    classes_file: str | os.PathLike[str] | None = None,
+    max_per_class: int | None = None,
+) -> tuple[list[Path], list[int], list[str]]:
+    """The image files of an ImageFolder tree, their labels and the class names.
+
+    Labels follow torchvision's ImageFolder: classes sorted by name, label = index in that
+    order (also with a class list, so the labels match an ImageFolder over a folder holding
+    only those classes). Files in sorted name order; extensions as ``IMG_EXTENSIONS``.
+    """
+    base = Path(root).expanduser()
+    if not base.is_dir():
+        raise DataError(
+            f"image folder {base} does not exist; point data.root (or SSL_SEC_DATA) at it"
+        )
+    present = sorted(d.name for d in base.iterdir() if d.is_dir() and not d.name.startswith("."))
+    if classes_file is not None:
+        wanted = read_class_file(classes_file)
+        missing = [c for c in wanted if c not in set(present)]
+        if missing:
+            shown = ", ".join(missing[:5]) + (", ..." if len(missing) > 5 else "")
+            raise DataError(
+                f"{len(missing)} of {len(wanted)} classes listed in {classes_file} are missing "
+                f"under {base}: {shown}"
+            )
+        classes = sorted(wanted)
+    else:
+        classes = present
+    if not classes:
+        raise DataError(f"image folder {base} has no class sub-folders")
+    files: list[Path] = []
+    labels: list[int] = []
+    for label, cls in enumerate(classes):
+        names = sorted(
+            f.name
+            for f in (base / cls).iterdir()
+            if f.suffix.lower() in IMG_EXTENSIONS and f.is_file()
+        )
+        if not names:
+            raise DataError(
+                f"class folder {base / cls} holds no images ({', '.join(IMG_EXTENSIONS)})"
+            )
+        if max_per_class is not None:
+            names = names[:max_per_class]
+        files += [base / cls / n for n in names]
+        labels += [label] * len(names)
+    return files, labels, classes
+
+
 def load_imagefolder(
     root: str | os.PathLike[str],
     size: int,
@@ -93,43 +143,8 @@ def load_imagefolder(
         raise ConfigError(
             f"load_imagefolder: max_per_class must be a positive int, got {max_per_class!r}"
         )
+    files, labels, classes = list_images(root, classes_file, max_per_class)
     base = Path(root).expanduser()
-    if not base.is_dir():
-        raise DataError(
-            f"image folder {base} does not exist; point data.root (or SSL_SEC_DATA) at it"
-        )
-    present = sorted(d.name for d in base.iterdir() if d.is_dir() and not d.name.startswith("."))
-    if classes_file is not None:
-        wanted = read_class_file(classes_file)
-        missing = [c for c in wanted if c not in set(present)]
-        if missing:
-            shown = ", ".join(missing[:5]) + (", ..." if len(missing) > 5 else "")
-            raise DataError(
-                f"{len(missing)} of {len(wanted)} classes listed in {classes_file} are missing "
-                f"under {base}: {shown}"
-            )
-        classes = sorted(wanted)
-    else:
-        classes = present
-    if not classes:
-        raise DataError(f"image folder {base} has no class sub-folders")
-
-    files: list[Path] = []
-    labels: list[int] = []
-    for label, cls in enumerate(classes):
-        names = sorted(
-            f.name
-            for f in (base / cls).iterdir()
-            if f.suffix.lower() in IMG_EXTENSIONS and f.is_file()
-        )
-        if not names:
-            raise DataError(
-                f"class folder {base / cls} holds no images ({', '.join(IMG_EXTENSIONS)})"
-            )
-        if max_per_class is not None:
-            names = names[:max_per_class]
-        files += [base / cls / n for n in names]
-        labels += [label] * len(names)
 
     out = np.empty((len(files), size, size, 3), dtype=np.uint8)
 

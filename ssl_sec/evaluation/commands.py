@@ -12,8 +12,7 @@ import torch
 
 from ..checkpoint import load_checkpoint
 from ..config import Config, _merge, from_dict
-from ..data import NORMALIZATION
-from ..engine import load_splits
+from ..data import NORMALIZATION, load_splits
 from ..errors import CheckpointError
 from ..models import build_backbone
 from ..runtime import resolve_device
@@ -119,7 +118,8 @@ def knn_command(path: Path, overrides: list[str], cache: bool = True) -> dict:
     cfg = checkpoint_config(path, ckpt, overrides)
     device = resolve_device(cfg.device)
     backbone = to_device(backbone_from_checkpoint(path, ckpt, cfg), cfg, device)
-    train_set, test_set = load_splits(cfg)
+    splits = load_splits(cfg.data)
+    train_set, test_set = splits.bank, splits.test
     transform = eval_transform_for(cfg, pretrain_dataset(ckpt), device)
     cache_dir = cache_dir_for(path, cache)
     t0 = time.perf_counter()

@@ -40,8 +40,7 @@ import torch
 import torch.nn.functional as F
 
 from ..checkpoint import load_checkpoint
-from ..data import load_dataset
-from ..engine import load_splits
+from ..data import load_dataset, load_splits
 from ..errors import UserError
 from ..runtime import resolve_device
 from .commands import (
@@ -256,7 +255,8 @@ def kshot_command(path: Path, shots: Sequence[int] = DEFAULT_SHOTS, replications
     backbone = to_device(backbone_from_checkpoint(path, ckpt, cfg), cfg, device)
     transform = eval_transform_for(cfg, pretrain_dataset(ckpt), device)
     del ckpt
-    train_set, test_set = load_splits(cfg)
+    splits = load_splits(cfg.data)
+    train_set, test_set = splits.bank, splits.test
     cache_dir = cache_dir_for(path, cache)
     t0 = time.perf_counter()
     parts = []

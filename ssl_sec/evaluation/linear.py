@@ -33,8 +33,7 @@ from torch import nn
 
 from ..checkpoint import load_checkpoint
 from ..config import LinearConfig, LinearOptimConfig, load_linear_recipe, to_dict
-from ..data import NORMALIZATION
-from ..engine import load_splits
+from ..data import NORMALIZATION, load_splits
 from ..errors import ConfigError
 from ..optim import lr_at, set_lr
 from ..runtime import autocast_for, resolve_device
@@ -255,7 +254,8 @@ def linear_command(path: Path, recipe: str | Path | None, overrides: list[str],
     backbone = to_device(backbone_from_checkpoint(path, ckpt, cfg), cfg, device)
     base = pretrain_dataset(ckpt)
     del ckpt
-    train_set, test_set = load_splits(cfg)
+    splits = load_splits(cfg.data)
+    train_set, test_set = splits.bank, splits.test
     transform = eval_transform_for(cfg, base, device)
     cache_dir = cache_dir_for(path, cache)
     num_classes = len(train_set.classes)

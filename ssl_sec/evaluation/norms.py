@@ -17,7 +17,8 @@ import torch
 from torch import nn
 
 from ..checkpoint import load_checkpoint
-from ..engine import build_model, load_splits
+from ..data import load_splits
+from ..engine import build_model
 from ..errors import CheckpointError, UserError
 from ..runtime import autocast_for, resolve_device
 from .commands import checkpoint_config, eval_transform_for, pretrain_dataset
@@ -108,7 +109,7 @@ def norms_command(path: Path, overrides: list[str] | None = None) -> dict:
                               f"({str(err).splitlines()[0][:160]})") from None
     transform = eval_transform_for(cfg, pretrain_dataset(ckpt), device)
     del ckpt
-    _, test_set = load_splits(cfg)
+    test_set = load_splits(cfg.data).test
     t0 = time.perf_counter()
     h, z = embed_norms(model.encoder, test_set.images.to(device), transform,
                        precision=cfg.precision)
