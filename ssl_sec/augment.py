@@ -325,13 +325,13 @@ class _GraphedView:
 class ViewParams:
     """One view's random parameters, one row per sample (all on the batch's device).
 
-    boxes (B, 4) crop ``[top, left, h, w]``; flip (B,) bool; jitter (B,) bool;
+    boxes (B, 4) crop ``[top, left, h, w]`` (None: the input is already cropped); flip (B,) bool; jitter (B,) bool;
     factors (B, 4) brightness, contrast, saturation, hue (in turns); order (B, 4) the step
     index at each position; gray, blur, solarize (B,) bool; sigma (B,) blur sigma.
     Ops that the pipeline does not include are None.
     """
 
-    boxes: torch.Tensor
+    boxes: torch.Tensor | None
     flip: torch.Tensor | None = None
     jitter: torch.Tensor | None = None
     factors: torch.Tensor | None = None
@@ -365,6 +365,9 @@ class ViewAugment(nn.Module):
         mean, std: per-channel normalisation in [0, 1] scale (see ``ssl_sec.data.NORMALIZATION``).
         sync_free: how per-sample ops are applied (see ``_where_rows``); None picks the
             sync-free strategy on CUDA and the row-gather one elsewhere.
+        crop: False when the input is already cropped to ``size x size`` (a streaming loader
+            cuts the crops from the full-resolution photos in its workers): the view then
+            starts at the horizontal flip.
         cuda_graph: on CUDA, record the whole view (sampling included) once per batch shape as
             a CUDA graph and replay it: one launch instead of ~400 small kernels, each of
             which would otherwise cost more host time than GPU time (see ``_GraphedView``).
@@ -393,6 +396,7 @@ class ViewAugment(nn.Module):
         solarize_p: float = 0.0,
         solarize_threshold: float = 0.5,
         sync_free: bool | None = None,
+        crop: bool = True,
         cuda_graph: bool = True,
     ) -> None:
         super().__init__()
@@ -422,6 +426,7 @@ class ViewAugment(nn.Module):
         self.std = _stats(o, "std", std, positive=True)
         self.normalize = _Normalize(self.mean, self.std)
         self.sync_free = sync_free
+        self.crop = crop
         self.cuda_graph = cuda_graph
         self._graphs: dict[tuple, _GraphedView] = {}
 
@@ -431,8 +436,9 @@ class ViewAugment(nn.Module):
 
     def sample(self, n: int, height: int, width: int, device: torch.device) -> ViewParams:
         """Draw the random parameters of ``n`` views of ``height x width`` images."""
-        p = ViewParams(sample_crop_boxes(n, height, width, self.crop_scale, self.crop_ratio,
-                                         device))
+        boxes = sample_crop_boxes(n, height, width, self.crop_scale, self.crop_ratio, device) \
+            if self.crop else None
+        p = ViewParams(boxes)
 
         def coin(prob: float) -> torch.Tensor:
             return torch.rand(n, device=device) < prob
@@ -461,7 +467,15 @@ class ViewAugment(nn.Module):
         """The view of each image under its parameters ``p`` (deterministic)."""
         _check_uint8(images)
         sync_free = images.is_cuda if self.sync_free is None else self.sync_free
-        x = resized_crop(images.float(), p.boxes, self.size, p.flip).div_(255.0)
+        if p.boxes is not None:
+            x = resized_crop(images.float(), p.boxes, self.size, p.flip).div_(255.0)
+        else:  # already cropped: flip only
+            if tuple(images.shape[-2:]) != (self.size, self.size):
+                raise ValueError(f"ViewAugment(crop=False) expects {self.size}x{self.size} "
+                                 f"crops, got {tuple(images.shape[-2:])}")
+            x = images.float().div_(255.0)
+            if p.flip is not None:
+                x = torch.where(p.flip.view(-1, 1, 1, 1), x.flip(-1), x)
         if p.jitter is not None:
             for position in range(4):
                 step = p.order[:, position]
@@ -556,7 +570,8 @@ class LinearTrainAugment(nn.Module):
     ``crop="pad"`` (CIFAR): random ``size x size`` crop of the image zero-padded by ``padding``
     pixels (black, before normalisation, as torchvision's ``RandomCrop(32, padding=4)``), the
     protocol of the CIFAR linear evaluations. ``crop="resized"`` (ImageNet): RandomResizedCrop
-    with ``crop_scale``. Parameters are drawn on the batch's device, no host sync.
+    with ``crop_scale``. ``crop=None``: the input is already cropped (a streaming loader cut
+    it), only the flip is drawn. Parameters are drawn on the batch's device, no host sync.
 
     Shape: ``(B, 3, H, W)`` uint8 -> ``(B, 3, size, size)`` float32, channels_last, same device.
     """
@@ -575,7 +590,7 @@ class LinearTrainAugment(nn.Module):
         super().__init__()
         o = "LinearTrainAugment"
         self.size = _size(o, "size", size)
-        if crop not in ("pad", "resized"):
+        if crop not in ("pad", "resized", None):
             raise ConfigError(f"{o}: crop must be 'pad' or 'resized', got {crop!r}")
         if isinstance(padding, bool) or not isinstance(padding, int) or padding < 0:
             raise ConfigError(f"{o}: padding must be an int >= 0, got {padding!r}")
@@ -590,7 +605,10 @@ class LinearTrainAugment(nn.Module):
         n, _, height, width = images.shape
         device = images.device
         flip = torch.rand(n, device=device) < self.hflip_p
-        if self.crop == "resized":
+        if self.crop is None:  # cut by a streaming loader already: flip only
+            x = images.float()
+            x = torch.where(flip.view(-1, 1, 1, 1), x.flip(-1), x)
+        elif self.crop == "resized":
             boxes = sample_crop_boxes(n, height, width, self.crop_scale, (3 / 4, 4 / 3), device)
             x = resized_crop(images.float(), boxes, self.size, flip)
         else:

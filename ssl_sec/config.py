@@ -29,7 +29,8 @@ class DataConfig:
     dataset: str = "cifar10"
     # Where the data lives; None means $SSL_SEC_DATA, then ./data.
     root: str | None = None
-    # Download the official archive (md5-verified) when the data is not found.
+    # Download the official archive (md5-verified) when the data is not found (CIFAR; an
+    # image folder has no official archive).
     download: bool = True
     # Keep only these class ids (e.g. source classes for few-shot transfer); None = all.
     classes: list[int] | None = None

@@ -22,8 +22,10 @@ from .augment import EvalTransform, TwoViews, ViewAugment, preview_grid
 from .checkpoint import FORMAT_VERSION, atomic_save, load_checkpoint, rng_state, set_rng_state
 from .config import AugmentConfig, Config
 from .data import NORMALIZATION, DeviceLoader, load_splits
+from .data.crops import read_centre
+from .data.stream import BytesStream, CropStream, StreamLoader
 from .errors import CheckpointError, ConfigError, UserError
-from .evaluation.features import extract_features
+from .evaluation.features import Labelled, labelled_features
 from .evaluation.knn import knn_evaluate
 from .methods import METHODS
 from .optim import build_optimizer, lr_at, set_lr
@@ -37,20 +39,22 @@ RESUMABLE_CHANGES = ("device", "log_every", "ckpt_every", "data.root", "data.dow
 
 
 # ----------------------------------------------------------------------------- setup
-def view_augment(a: AugmentConfig, dataset: str) -> ViewAugment:
+def view_augment(a: AugmentConfig, dataset: str, crop: bool = True) -> ViewAugment:
     """One view's augmentation from its recipe section."""
     mean, std = NORMALIZATION[dataset]
     return ViewAugment(size=a.size, crop_scale=tuple(a.crop_scale), crop_ratio=tuple(a.crop_ratio),
                        hflip_p=a.hflip_p, jitter_p=a.jitter_p, brightness=a.brightness,
                        contrast=a.contrast, saturation=a.saturation, hue=a.hue, gray_p=a.gray_p,
                        blur_p=a.blur_p, blur_sigma=tuple(a.blur_sigma),
-                       solarize_p=a.solarize_p, mean=mean, std=std)
+                       solarize_p=a.solarize_p, mean=mean, std=std, crop=crop)
 
 
-def build_augment(cfg: Config, device: torch.device) -> tuple[TwoViews, EvalTransform]:
-    """The two views (`augment`, and `augment2` when the views differ) and the eval view."""
-    first = view_augment(cfg.augment, cfg.data.dataset)
-    second = None if cfg.augment2 is None else view_augment(cfg.augment2, cfg.data.dataset)
+def build_augment(cfg: Config, device: torch.device, crop: bool = True
+                  ) -> tuple[TwoViews, EvalTransform]:
+    """The two views (`augment`, and `augment2` when the views differ) and the eval view.
+    crop=False: the loader delivers each view's crop (streaming), the views start at the flip."""
+    first = view_augment(cfg.augment, cfg.data.dataset, crop)
+    second = None if cfg.augment2 is None else view_augment(cfg.augment2, cfg.data.dataset, crop)
     mean, std = NORMALIZATION[cfg.data.dataset]
     eval_view = EvalTransform(size=cfg.augment.size, mean=mean, std=std)
     return TwoViews(first, second).to(device), eval_view.to(device)
@@ -134,14 +138,57 @@ def say(msg: str) -> None:
         print(msg, flush=True)
 
 
+# ----------------------------------------------------------------------------- data
+def _data_pipeline(cfg: Config, splits, device: torch.device, rank: int, world: int):
+    """The loader of the pretraining set, the two views, the eval view, and the kNN monitor's
+    bank and test sets, for memory or streaming mode."""
+    generator = torch.Generator().manual_seed(cfg.seed)
+    if splits.mode == "memory":
+        # The whole uint8 set lives on the device; batches are index_select'ed there.
+        loader = DeviceLoader(splits.pretrain.images.to(device),
+                              splits.pretrain.labels.to(device), cfg.optim.batch_size,
+                              shuffle=True, drop_last=True, generator=generator,
+                              shard=(rank, world))
+        views, eval_transform = build_augment(cfg, device)
+        labelled = [(s.images.to(device), s.labels.to(device)) for s in (splits.bank, splits.test)]
+        return loader, views, eval_transform, labelled
+    if cfg.data.decode == "gpu" and device.type != "cuda":
+        raise ConfigError(f"data.decode=gpu needs a CUDA device, this run is on {device}; "
+                          "use data.decode=cpu")
+    second = cfg.augment2 or cfg.augment
+    crops = [(cfg.augment.crop_scale, cfg.augment.crop_ratio),
+             (second.crop_scale, second.crop_ratio)]
+    kind = BytesStream if cfg.data.decode == "gpu" else CropStream
+    dataset = kind(splits.pretrain.index, cfg.augment.size, crops, cfg.seed,
+                   cfg.data.skip_bad_images)
+    loader = StreamLoader(dataset, cfg.optim.batch_size, generator, device, (rank, world),
+                          splits.pretrain.workers, log=say)
+    views, eval_transform = build_augment(cfg, device, crop=False)
+    return loader, views, eval_transform, [splits.bank, splits.test]
+
+
+def _preview_images(cfg: Config, splits, device: torch.device) -> torch.Tensor:
+    """16 pretraining images at the views' input size, for the augmentation previews."""
+    if splits.mode == "memory":
+        return splits.pretrain.images[:16].to(device)
+    index, size = splits.pretrain.index, cfg.augment.size
+    resize = cfg.data.eval_resize or round(size / 0.875)
+    pixels = [torch.from_numpy(read_centre(index.path(i), size, resize)).permute(2, 0, 1)
+              for i in range(min(16, len(index)))]
+    return torch.stack(pixels).to(device)
+
+
 # ----------------------------------------------------------------------------- kNN monitor
-def knn_monitor(backbone: torch.nn.Module, train: tuple[torch.Tensor, torch.Tensor],
-                test: tuple[torch.Tensor, torch.Tensor], transform: torch.nn.Module,
-                cfg: Config) -> dict[str, float]:
-    """Weighted kNN top-1/top-5 of eval-mode backbone features (no augmentation)."""
-    bank = extract_features(backbone, train[0], transform, precision=cfg.precision)
-    queries = extract_features(backbone, test[0], transform, precision=cfg.precision)
-    return knn_evaluate(bank, train[1], queries, test[1], cfg.eval)
+def knn_monitor(backbone: torch.nn.Module, train: Labelled, test: Labelled,
+                transform: torch.nn.Module, cfg: Config,
+                device: torch.device | None = None) -> dict[str, float]:
+    """Weighted kNN top-1/top-5 of eval-mode backbone features (no augmentation); the bank
+    and test sets in memory or streamed."""
+    device = device or next(backbone.parameters()).device
+    view = (transform, device, cfg.augment.size, cfg.data.eval_resize, cfg.precision)
+    bank, bank_labels = labelled_features(backbone, train, *view)
+    queries, labels = labelled_features(backbone, test, *view)
+    return knn_evaluate(bank, bank_labels, queries, labels, cfg.eval)
 
 
 # ----------------------------------------------------------------------------- one step
@@ -195,6 +242,7 @@ def train(cfg: Config, resume: bool = False, progress_bar: bool | None = None,
 
 def _train(cfg: Config, device: torch.device, resume: bool, progress_bar: bool | None,
            max_epochs: int | None) -> dict:
+    t_start = time.perf_counter()
     # -- data -----------------------------------------------------------------------------
     rank, world, main = dist.rank(), dist.world_size(), dist.is_main()
     if cfg.optim.batch_size % world:
@@ -208,19 +256,14 @@ def _train(cfg: Config, device: torch.device, resume: bool, progress_bar: bool |
         check_resume_config(ckpt["config"], cfg)
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
-    splits = load_splits(cfg.data)
+    splits = load_splits(cfg.data, cache_dir=paths.root, log=say)
+    if splits.note:
+        say(splits.note)
     if cfg.optim.batch_size > len(splits.pretrain.labels):
         raise ConfigError(f"optim.batch_size={cfg.optim.batch_size} is larger than the "
                           f"{len(splits.pretrain.labels)} training images; lower it or use more "
                           "data")
-    # The whole uint8 set lives on the device; batches are index_select'ed there.
-    pretrain_x = splits.pretrain.images.to(device)
-    loader = DeviceLoader(pretrain_x, splits.pretrain.labels.to(device), cfg.optim.batch_size,
-                          shuffle=True, drop_last=True,
-                          generator=torch.Generator().manual_seed(cfg.seed), shard=(rank, world))
-    bank = (splits.bank.images.to(device), splits.bank.labels.to(device))
-    test = (splits.test.images.to(device), splits.test.labels.to(device))
-    views, eval_transform = build_augment(cfg, device)
+    loader, views, eval_transform, (bank, test) = _data_pipeline(cfg, splits, device, rank, world)
 
     # -- model, objective, optimizer -------------------------------------------------------
     core = build_model(cfg, device)
@@ -272,7 +315,7 @@ def _train(cfg: Config, device: torch.device, resume: bool, progress_bar: bool |
         # Augmentation previews use their own generator state: they must not shift the
         # training RNG stream (a resumed run has to replay the same draws).
         with torch.no_grad(), torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-            sample, stats = pretrain_x[:16], NORMALIZATION[cfg.data.dataset]
+            sample, stats = _preview_images(cfg, splits, device), NORMALIZATION[cfg.data.dataset]
             view1, view2 = views(sample)
             log.tb.add_image("augment/original", preview_grid(eval_transform(sample), *stats), 0)
             log.tb.add_image("augment/view1", preview_grid(view1, *stats), 0)
@@ -281,12 +324,14 @@ def _train(cfg: Config, device: torch.device, resume: bool, progress_bar: bool |
     result: dict = {}
     nonfinite = torch.zeros((), dtype=torch.bool, device=device)
     skipped = 0  # fp16 steps skipped on overflow
+    first_step = True
 
     # -- loop --------------------------------------------------------------------------------
     model.train()
     end_epoch = cfg.optim.epochs if max_epochs is None else min(cfg.optim.epochs,
                                                                  start_epoch + max_epochs)
     for epoch in range(start_epoch, end_epoch):
+        loader.set_epoch(epoch)
         timer = EpochTimer(device)
         t_log, n_log = timer.start, 0
         bar = _bar(steps_per_epoch, epoch, cfg.optim.epochs, show_bar)
@@ -297,6 +342,13 @@ def _train(cfg: Config, device: torch.device, resume: bool, progress_bar: bool |
             progress = step / max(total_steps - 1, 1)
             v1, v2 = make_views(views, *images)
             log_now = (step + 1) % cfg.log_every == 0 or (step + 1) % steps_per_epoch == 0
+            if first_step and log is not None:
+                # The first batch is here and the model built: the start-up a user waits
+                # through (index, workers, decoding in memory mode), in wall-clock time.
+                log.scalars(step + 1, {"perf/first_step_unix_time": time.time(),
+                                       "perf/seconds_to_first_step": time.perf_counter() - t_start},
+                            "start")
+                first_step = False
             terms, stepped = optimize_step(model, v1, v2, optimizer, scaler, cfg, progress,
                                            log_now)
             # Finite-loss guard without a host sync per step: remember, check at log time.
@@ -347,7 +399,7 @@ def _train(cfg: Config, device: torch.device, resume: bool, progress_bar: bool |
         every = cfg.eval.knn_every
         if last or (every and epoch_done % every == 0):
             t0 = time.perf_counter()
-            acc = knn_monitor(core.backbone, bank, test, eval_transform, cfg)
+            acc = knn_monitor(core.backbone, bank, test, eval_transform, cfg, device)
             knn_s = time.perf_counter() - t0
             log.scalars(step, {"knn/top1": acc["top1"], "knn/top5": acc["top5"],
                                "perf/knn_seconds": knn_s}, "knn")

@@ -27,10 +27,19 @@ def _setup(seed: int = 0):
     return net.eval(), images, transform
 
 
+def _cached(net, images, transform, cache_dir, key, **kwargs):
+    """cached_features of (images, labels 0..N-1) on the CPU; the features only."""
+    labels = torch.arange(images.shape[0])
+    feats, got = cached_features(net, (images, labels), transform, cache_dir, key,
+                                 torch.device("cpu"), 16, **kwargs)
+    assert torch.equal(got, labels)
+    return feats
+
+
 def test_cache_returns_the_extracted_features_and_reads_them_back(tmp_path, monkeypatch):
     net, images, transform = _setup()
     key = {"checkpoint_sha256": "abc", "dataset": "x", "split": "test"}
-    first = cached_features(net, images, transform, tmp_path, key)
+    first = _cached(net, images, transform, tmp_path, key)
     torch.testing.assert_close(first, extract_features(net, images, transform), rtol=0, atol=0)
     assert torch.allclose(first.norm(dim=1), torch.ones(40))
     files = list(tmp_path.glob("*.pt"))
@@ -41,20 +50,20 @@ def test_cache_returns_the_extracted_features_and_reads_them_back(tmp_path, monk
     def boom(*args, **kwargs):
         raise AssertionError("extract_features called although the cache holds the entry")
 
-    monkeypatch.setattr(features_mod, "extract_features", boom)
-    again = cached_features(net, images, transform, tmp_path, key)
+    monkeypatch.setattr(features_mod, "labelled_features", boom)
+    again = _cached(net, images, transform, tmp_path, key)
     assert torch.equal(again, first)
 
 
 def test_cache_key_covers_parts_images_and_normalisation(tmp_path):
     net, images, transform = _setup()
     key = {"checkpoint_sha256": "abc", "split": "test"}
-    cached_features(net, images, transform, tmp_path, key)
-    cached_features(net, images, transform, tmp_path, {**key, "checkpoint_sha256": "def"})
+    _cached(net, images, transform, tmp_path, key)
+    _cached(net, images, transform, tmp_path, {**key, "checkpoint_sha256": "def"})
     other = images.clone()
     other[0, 0, 0, 0] ^= 1
-    cached_features(net, other, transform, tmp_path, key)
-    raw = cached_features(net, images, transform, tmp_path, key, normalize=False)
+    _cached(net, other, transform, tmp_path, key)
+    raw = _cached(net, images, transform, tmp_path, key, normalize=False)
     assert len(list(tmp_path.glob("*.pt"))) == 4
     assert not torch.allclose(raw.norm(dim=1), torch.ones(40))
 
@@ -62,16 +71,16 @@ def test_cache_key_covers_parts_images_and_normalisation(tmp_path):
 def test_corrupt_cache_entry_is_recomputed(tmp_path):
     net, images, transform = _setup()
     key = {"split": "train"}
-    good = cached_features(net, images, transform, tmp_path, key)
+    good = _cached(net, images, transform, tmp_path, key)
     (entry,) = tmp_path.glob("*.pt")
     entry.write_bytes(b"garbage")
-    assert torch.equal(cached_features(net, images, transform, tmp_path, key), good)
+    assert torch.equal(_cached(net, images, transform, tmp_path, key), good)
     assert torch.load(entry, weights_only=True)["features"].shape == good.shape
 
 
 def test_no_cache_dir_means_no_files(tmp_path):
     net, images, transform = _setup()
-    out = cached_features(net, images, transform, None, {"split": "test"})
+    out = _cached(net, images, transform, None, {"split": "test"})
     assert out.shape == (40, 8) and not list(tmp_path.iterdir())
 
 
@@ -92,7 +101,7 @@ def test_knn_command_uses_the_cache(make_checkpoint, data_root, monkeypatch):
     def boom(*args, **kwargs):
         raise AssertionError("features recomputed")
 
-    monkeypatch.setattr(features_mod, "extract_features", boom)
+    monkeypatch.setattr(features_mod, "labelled_features", boom)
     second = knn_command(path, ["eval.knn_k=5"])
     assert (second["top1"], second["top5"]) == (first["top1"], first["top5"])
     monkeypatch.undo()
@@ -118,4 +127,4 @@ def test_knn_cli_no_cache(make_checkpoint, data_root):
 def test_key_parts_must_be_json(tmp_path, bad):
     net, images, transform = _setup()
     with pytest.raises(TypeError, match="JSON"):
-        cached_features(net, images, transform, tmp_path, bad)
+        _cached(net, images, transform, tmp_path, bad)

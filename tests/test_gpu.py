@@ -226,3 +226,23 @@ def test_cuda_graph_views_equal_op_by_op_views(data_root):
         torch.testing.assert_close(g, e, rtol=0, atol=1e-5)
     assert not torch.equal(graphed[0], graphed[1])  # fresh parameters on each replay
     assert graphed[0].is_contiguous(memory_format=torch.channels_last)
+
+
+def test_jpeg_decoding_on_the_gpu_matches_the_workers(tmp_path):
+    """data.decode=gpu: nvjpeg decodes, the GPU cuts and resizes the boxes the worker path
+    cuts; the pixels agree within decoder and resampling differences."""
+    from test_stream import _jpeg_folder
+
+    from ssl_sec.data.index import build_index
+    from ssl_sec.data.stream import BytesStream, CropStream, StreamLoader
+
+    index = build_index(_jpeg_folder(tmp_path))
+    views = [((0.2, 1.0), (3 / 4, 4 / 3)), ((0.5, 1.0), (1.0, 1.0))]
+    gpu = StreamLoader(BytesStream(index, 48, views, 1), 3, torch.Generator().manual_seed(0),
+                       torch.device("cuda"))
+    cpu = StreamLoader(CropStream(index, 48, views, 1), 3, torch.Generator().manual_seed(0),
+                       torch.device("cpu"))
+    for (g1, g2, gl), (c1, c2, cl) in zip(gpu, cpu, strict=True):
+        assert g1.is_cuda and g1.dtype == torch.uint8 and torch.equal(gl.cpu(), cl)
+        for g, c in ((g1, c1), (g2, c2)):
+            assert (g.cpu().float() - c.float()).abs().mean() < 4.0

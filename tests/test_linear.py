@@ -101,8 +101,11 @@ def test_full_mode_keeps_backbone_and_bn_buffers_bit_identical(make_checkpoint, 
     backbone.register_forward_pre_hook(
         lambda m, _: modes_seen.append(any(x.training for x in m.modules())))
     lcfg = linear_from_dict({}, ["optim.epochs=2", "optim.batch_size=64"])
-    out = probe_full(backbone, train_set.images, train_set.labels, test_feats, test_set.labels,
-                     10, lcfg, augment, 512)
+    from ssl_sec.evaluation.linear import _train_batches
+
+    batches, steps = _train_batches(train_set, cfg, lcfg, torch.device("cpu"))
+    out = probe_full(backbone, batches, steps, test_feats, test_set.labels, 10, lcfg, augment,
+                     512, torch.device("cpu"))
     assert len(modes_seen) == 2 * 2 and not any(modes_seen)  # 2 epochs x 2 batches, eval mode
     for k, v in backbone.named_parameters():
         assert torch.equal(v, params_before[k]), k

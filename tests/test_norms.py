@@ -72,7 +72,7 @@ def test_embed_norms_uses_eval_mode_and_restores_it(make_checkpoint):
     images = torch.randint(0, 256, (6, 3, 32, 32), dtype=torch.uint8)
     transform = EvalTransform(mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25))
     before = {k: v.clone() for k, v in encoder.state_dict().items()}
-    h, z = embed_norms(encoder, images, transform, batch_size=4)
+    h, z = embed_norms(encoder, images.split(4), transform, torch.device("cpu"))
     assert encoder.training and h.shape == z.shape == (6,)
     for k, v in encoder.state_dict().items():
         assert torch.equal(v, before[k]), k  # no BN statistics moved

@@ -5,7 +5,7 @@ from ssl_sec.data.cifar import ImageSet, load_cifar, resolve_root
 from ssl_sec.data.imagefolder import load_imagefolder
 from ssl_sec.data.loader import DeviceLoader, iterate_chunks
 from ssl_sec.data.registry import DATASETS, NORMALIZATION, DatasetSpec, dataset_spec, load_dataset
-from ssl_sec.data.splits import Splits, load_splits
+from ssl_sec.data.splits import Splits, class_names, load_splits
 
 __all__ = [
     "DATASETS",
@@ -14,6 +14,7 @@ __all__ = [
     "DeviceLoader",
     "ImageSet",
     "Splits",
+    "class_names",
     "dataset_spec",
     "iterate_chunks",
     "load_cifar",

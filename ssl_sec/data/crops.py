@@ -96,7 +96,7 @@ def read_crops(path: str | Path, size: int, rng: np.random.Generator,
         width, height = im.size
         boxes = [crop_box(rng, height, width, scale, ratio) for scale, ratio in views]
         rgb, sx, sy = _decode(im, min(min(h, w) for _, _, h, w in boxes), size)
-        return [np.asarray(rgb.resize((size, size), Image.Resampling.BILINEAR,
+        return [np.array(rgb.resize((size, size), Image.Resampling.BILINEAR,
                                       box=(left * sx, top * sy, (left + w) * sx, (top + h) * sy)),
                            dtype=np.uint8)
                 for top, left, h, w in boxes]
@@ -111,6 +111,6 @@ def read_centre(path: str | Path, size: int, resize: int) -> np.ndarray:
         # the centre crop's box in full-resolution pixels, then in decoded pixels
         side = min(width, height) * size / resize
         left, top = (width - side) / 2, (height - side) / 2
-        return np.asarray(rgb.resize((size, size), Image.Resampling.BILINEAR,
+        return np.array(rgb.resize((size, size), Image.Resampling.BILINEAR,
                                      box=(left * sx, top * sy, (left + side) * sx,
                                           (top + side) * sy)), dtype=np.uint8)

@@ -12,14 +12,16 @@ needs a streaming loader instead.
 from __future__ import annotations
 
 import os
+import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
 from ssl_sec.data.cifar import ImageSet
+from ssl_sec.data.crops import open_image
 from ssl_sec.errors import ConfigError, DataError
 
 __all__ = ["load_imagefolder", "list_images", "read_class_file", "IMG_EXTENSIONS"]
@@ -45,23 +47,20 @@ def read_class_file(path: str | os.PathLike[str]) -> list[str]:
 
 
 def _decode(path: Path, size: int) -> np.ndarray:
-    try:
-        with Image.open(path) as im:
-            im = im.convert("RGB")
+    with open_image(path) as im:
+        im = im.convert("RGB")
+        w, h = im.size
+        if min(w, h) != size:
+            # torchvision Resize(int): shorter side -> size, longer side truncated.
+            if w <= h:
+                new = (size, int(size * h / w))
+            else:
+                new = (int(size * w / h), size)
+            im = im.resize(new, Image.Resampling.BILINEAR)
             w, h = im.size
-            if min(w, h) != size:
-                # torchvision Resize(int): shorter side -> size, longer side truncated.
-                if w <= h:
-                    new = (size, int(size * h / w))
-                else:
-                    new = (int(size * w / h), size)
-                im = im.resize(new, Image.Resampling.BILINEAR)
-                w, h = im.size
-            left, top = int(round((w - size) / 2.0)), int(round((h - size) / 2.0))
-            im = im.crop((left, top, left + size, top + size))
-            return np.asarray(im, dtype=np.uint8)
-    except (OSError, UnidentifiedImageError, ValueError) as e:
-        raise DataError(f"cannot decode image {path} ({e})") from e
+        left, top = int(round((w - size) / 2.0)), int(round((h - size) / 2.0))
+        im = im.crop((left, top, left + size, top + size))
+        return np.asarray(im, dtype=np.uint8)
 
 
 def list_images(
@@ -120,6 +119,8 @@ def load_imagefolder(
     classes_file: str | os.PathLike[str] | None = None,
     max_per_class: int | None = None,
     num_threads: int | None = None,
+    skip_bad: bool = False,
+    log=None,
 ) -> ImageSet:
     """Decode an ImageFolder tree into an :class:`ImageSet` of uint8 ``(N, 3, size, size)``.
 
@@ -130,6 +131,8 @@ def load_imagefolder(
             classes are loaded, and every listed class must exist under ``root``.
         max_per_class: keep at most this many images per class (the first in name order).
         num_threads: decode threads (default: ``min(32, cpu_count + 4)``, Python's default).
+        skip_bad: leave out files that cannot be decoded (reported once through ``log``,
+            default stderr) instead of stopping with the first one's name.
 
     Labels follow torchvision's ImageFolder: classes sorted by name, label = index in that
     order (also with a class list, so the labels match an ImageFolder over a folder holding only
@@ -148,12 +151,25 @@ def load_imagefolder(
 
     out = np.empty((len(files), size, size, 3), dtype=np.uint8)
 
-    def work(i: int) -> None:
-        out[i] = _decode(files[i], size)
+    def work(i: int) -> str | None:
+        try:
+            out[i] = _decode(files[i], size)
+        except DataError as err:
+            if not skip_bad:
+                raise DataError(f"{err}; remove or replace it, or set data.skip_bad_images=true "
+                                "to leave bad files out") from None
+            return str(err)
+        return None
 
     # PIL releases the GIL while decoding and resizing, so threads scale on JPEG decode.
     with ThreadPoolExecutor(max_workers=num_threads) as pool:
-        list(pool.map(work, range(len(files))))
-
-    images = torch.from_numpy(out).permute(0, 3, 1, 2).contiguous()
-    return ImageSet(images, torch.tensor(labels, dtype=torch.int64), classes, name=base.name)
+        errors = list(pool.map(work, range(len(files))))
+    say = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
+    for err in filter(None, errors):
+        say(f"skipping bad image: {err}")
+    good = [i for i, err in enumerate(errors) if err is None]
+    if not good:
+        raise DataError(f"image folder {base} has no readable images")
+    images = torch.from_numpy(out[good]).permute(0, 3, 1, 2).contiguous()
+    return ImageSet(images, torch.tensor([labels[i] for i in good], dtype=torch.int64), classes,
+                    name=base.name)

@@ -24,7 +24,7 @@ from ssl_sec.data.imagefolder import list_images
 from ssl_sec.errors import DataError
 
 CACHE_NAME = ".ssl_sec_index.json"
-CACHE_FORMAT = "ssl_sec.index/1"
+CACHE_FORMAT = "ssl_sec.index/2"
 
 
 @dataclass
@@ -33,8 +33,8 @@ class FileIndex:
 
     root: the folder. files: paths relative to it. labels: int64 (N,). classes: class names
     (labels index them). sizes: (width, height) of each file's full-resolution image.
-    formats: PIL's format name per file ("JPEG", "PNG", ...). bad: (path, reason) of files
-    left out by `skip_bad_images`.
+    formats: PIL's format name per file ("JPEG", "PNG", ...). modes: PIL's mode per file
+    ("RGB", "L", "CMYK", ...). bad: (path, reason) of files left out by `skip_bad_images`.
     """
 
     root: Path
@@ -43,6 +43,7 @@ class FileIndex:
     classes: list[str]
     sizes: list[tuple[int, int]]
     formats: list[str]
+    modes: list[str]
     bad: list[tuple[str, str]] = field(default_factory=list)
 
     def __len__(self) -> int:
@@ -54,7 +55,8 @@ class FileIndex:
     def subset(self, indices: list[int]) -> FileIndex:
         return FileIndex(self.root, [self.files[i] for i in indices], self.labels[indices],
                          list(self.classes), [self.sizes[i] for i in indices],
-                         [self.formats[i] for i in indices], list(self.bad))
+                         [self.formats[i] for i in indices], [self.modes[i] for i in indices],
+                         list(self.bad))
 
     def select_classes(self, class_ids: list[int]) -> FileIndex:
         keep = set(class_ids)
@@ -70,7 +72,9 @@ class FileIndex:
 
 def _cache_path(folder: Path, fallback: Path | None) -> Path | None:
     beside = folder / CACHE_NAME
-    if os.access(folder, os.W_OK):
+    # Writable, and not marked read-only (root may write anywhere, but a folder without write
+    # bits is someone's shared data: leave it alone).
+    if os.access(folder, os.W_OK) and folder.stat().st_mode & 0o222:
         return beside
     if fallback is None:
         return None
@@ -126,28 +130,27 @@ def build_index(folder: str | os.PathLike[str], classes_file: str | os.PathLike[
         if old is not None and tuple(old[:2]) == stats[p]:
             return old
         try:
-            w, h, fmt, _ = probe(p)
-            return [*stats[p], w, h, fmt, None]
+            return [*stats[p], *probe(p), None]
         except DataError as err:
-            return [*stats[p], 0, 0, "", str(err)]
+            return [*stats[p], 0, 0, "", "", str(err)]
 
     # Opening a header is mostly waiting on the disk: threads overlap it.
     with ThreadPoolExecutor(max_workers=threads or min(32, (os.cpu_count() or 1) * 4)) as pool:
         entries = list(pool.map(entry, paths))
     _write_cache(cache_path, {str(p.relative_to(base)): e for p, e in zip(paths, entries,
                                                                           strict=True)})
-    bad = [(str(p), e[5]) for p, e in zip(paths, entries, strict=True) if e[5]]
+    bad = [(str(p), e[6]) for p, e in zip(paths, entries, strict=True) if e[6]]
     if bad and not skip_bad:
         more = f" ({len(bad) - 1} more bad files)" if len(bad) > 1 else ""
         raise DataError(f"{bad[0][1]}{more}; remove or replace it, or set "
                         "data.skip_bad_images=true to leave bad files out")
     say = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
-    for path, reason in bad:
+    for _, reason in bad:
         say(f"skipping bad image: {reason}")
-    good = [i for i, e in enumerate(entries) if not e[5]]
+    good = [i for i, e in enumerate(entries) if not e[6]]
     if not good:
         raise DataError(f"image folder {base} has no readable images")
     return FileIndex(base, [str(paths[i].relative_to(base)) for i in good],
                      torch.tensor([labels[i] for i in good], dtype=torch.int64), classes,
                      [(entries[i][2], entries[i][3]) for i in good],
-                     [entries[i][4] for i in good], bad)
+                     [entries[i][4] for i in good], [entries[i][5] for i in good], bad)

@@ -88,6 +88,10 @@ class DeviceLoader:
             raise ConfigError(f"DeviceLoader: batch_size={batch_size} is not divisible by the "
                               f"{self.world} processes")
 
+    def set_epoch(self, epoch: int) -> None:
+        """The permutation comes from the generator's state alone: nothing to do (the same
+        interface as the streaming loader's)."""
+
     @property
     def num_samples(self) -> int:
         return int(self.images.shape[0])

@@ -26,7 +26,7 @@ class DatasetSpec:
     (mean, std) in [0, 1] scale. folder: an image-folder tree on disk, which can be streamed
     (`data.mode: stream`) instead of decoded into memory. default_mode: what `data.mode: auto`
     means for it when the size check does not decide (in-memory for the small CIFAR sets).
-    load: (root, train, download, image_size, classes_file) -> the decoded ImageSet.
+    load: (root, train, download, image_size, classes_file, skip_bad) -> the decoded ImageSet.
     """
 
     name: str
@@ -38,7 +38,8 @@ class DatasetSpec:
 
 
 def _load_cifar(name: str) -> Callable[..., ImageSet]:
-    def load(root, train: bool, download: bool, image_size=None, classes_file=None) -> ImageSet:
+    def load(root, train: bool, download: bool, image_size=None, classes_file=None,
+             skip_bad: bool = False) -> ImageSet:
         return load_cifar(name, root=root, train=train, download=download)
 
     return load
@@ -52,12 +53,13 @@ def split_folder(root: str | os.PathLike[str] | None, train: bool) -> Path:
 
 
 def _load_folder(root, train: bool, download: bool, image_size=None,
-                 classes_file=None) -> ImageSet:
+                 classes_file=None, skip_bad: bool = False) -> ImageSet:
+    # `download` does not apply: there is no official archive of a folder (a missing folder
+    # is an error that names it).
     if image_size is None:
         raise ConfigError("dataset 'imagefolder' needs data.image_size (the stored image side)")
-    if download:
-        raise ConfigError("dataset 'imagefolder' cannot be downloaded; set data.download=false")
-    return load_imagefolder(split_folder(root, train), image_size, classes_file=classes_file)
+    return load_imagefolder(split_folder(root, train), image_size, classes_file=classes_file,
+                            skip_bad=skip_bad)
 
 
 # CIFAR-10: (mean, std) recomputed from all 50,000 training images (std over all pixels; the

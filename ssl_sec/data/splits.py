@@ -2,41 +2,63 @@
 unused), the labelled bank the kNN monitor and the linear probe train on, and the labelled
 test set. For CIFAR the pretraining set and the bank are the same training images; a dataset
 with an unlabelled split (STL-10) would pretrain on more than its bank without the engine
-knowing.
+knowing. Each set is decoded into memory (`ImageSet`) or streamed from disk (`StreamSet`).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING
 
-import torch
-
 from ssl_sec.data.cifar import ImageSet
-from ssl_sec.data.registry import dataset_spec
+from ssl_sec.data.imagefolder import list_images
+from ssl_sec.data.index import build_index
+from ssl_sec.data.registry import dataset_spec, split_folder
+from ssl_sec.data.stream import StreamSet, default_workers
 from ssl_sec.errors import ConfigError
 
 if TYPE_CHECKING:  # config imports the registry: no import cycle at run time
     from ssl_sec.config import DataConfig
 
+Source = ImageSet | StreamSet
+
 
 @dataclass
 class Splits:
     """pretrain: what self-supervised training reads; bank: labelled training images (kNN
-    bank, linear-probe training); test: labelled evaluation images. mode: how they are held
-    (`memory`: decoded uint8 tensors)."""
+    bank, linear-probe training); test: labelled evaluation images. mode: `memory` (decoded
+    uint8 tensors) or `stream` (files read by DataLoader workers); note: why that mode."""
 
-    pretrain: ImageSet
-    bank: ImageSet
-    test: ImageSet
+    pretrain: Source
+    bank: Source
+    test: Source
     mode: str = "memory"
+    note: str = ""
 
     @property
     def num_classes(self) -> int:
         return len(self.bank.classes)
 
 
-def _restrict(ds: ImageSet, d: DataConfig, limit: int) -> ImageSet:
+def resolve_mode(d: DataConfig) -> tuple[str, str]:
+    """`data.mode`, with `auto` decided by the decoded size against `data.memory_budget_gb`."""
+    if not dataset_spec(d.dataset).folder:
+        return "memory", ""
+    if d.mode != "auto":
+        return d.mode, f"data.mode={d.mode}"
+    counts = []
+    for train, limit in ((True, d.train_subset), (False, d.test_subset)):
+        files, _, _ = list_images(split_folder(d.root, train), d.classes_file)
+        counts.append(min(len(files), limit) if limit else len(files))
+    gb = sum(counts) * 3 * d.image_size ** 2 / 2**30
+    mode = "memory" if gb <= d.memory_budget_gb else "stream"
+    return mode, (f"data.mode=auto -> {mode}: {sum(counts):,} images decoded at "
+                  f"{d.image_size} px = {gb:.1f} GiB {'<=' if mode == 'memory' else '>'} "
+                  f"data.memory_budget_gb={d.memory_budget_gb:g}")
+
+
+def _restrict(ds: Source, d: DataConfig, limit: int) -> Source:
     """The recipe's class subset (`data.classes`), then its first-N subset."""
     if d.classes is not None:
         bad = [c for c in d.classes if not 0 <= c < len(ds.classes)]
@@ -45,14 +67,38 @@ def _restrict(ds: ImageSet, d: DataConfig, limit: int) -> ImageSet:
                               f"of {d.dataset}")
         ds = ds.select_classes(d.classes)
     if limit:
-        ds = ds.subset(torch.arange(min(limit, len(ds.labels))))
+        ds = ds.subset(list(range(min(limit, len(ds.labels)))))
     return ds
 
 
-def load_splits(d: DataConfig) -> Splits:
-    """The splits `data` describes (dataset, class subset, first-N subsets)."""
+def load_splits(d: DataConfig, cache_dir: Path | None = None, log=None) -> Splits:
+    """The splits `data` describes (dataset, mode, class subset, first-N subsets).
+
+    cache_dir: where a streamed folder's file index is cached when the data folder is
+    read-only (the run directory). log: where skipped bad files are reported.
+    """
+    mode, note = resolve_mode(d)
     spec = dataset_spec(d.dataset)
-    sets = [_restrict(spec.load(d.root, train=train, download=d.download,
-                                image_size=d.image_size, classes_file=d.classes_file), d, limit)
-            for train, limit in ((True, d.train_subset), (False, d.test_subset))]
-    return Splits(pretrain=sets[0], bank=sets[0], test=sets[1])
+    if mode == "memory":
+        sets = [_restrict(spec.load(d.root, train=train, download=d.download,
+                                    image_size=d.image_size, classes_file=d.classes_file,
+                                    skip_bad=d.skip_bad_images), d, limit)
+                for train, limit in ((True, d.train_subset), (False, d.test_subset))]
+        return Splits(pretrain=sets[0], bank=sets[0], test=sets[1], note=note)
+    workers = default_workers() if d.workers is None else d.workers
+    sets = []
+    for train, limit in ((True, d.train_subset), (False, d.test_subset)):
+        folder = split_folder(d.root, train)
+        index = build_index(folder, d.classes_file, d.skip_bad_images, cache_dir, log=log)
+        sets.append(StreamSet(_restrict(index, d, limit), folder.name, d.skip_bad_images,
+                              workers))
+    return Splits(pretrain=sets[0], bank=sets[0], test=sets[1], mode="stream", note=note)
+
+
+def class_names(d: DataConfig) -> list[str]:
+    """All class names of the dataset (before `data.classes` restricts them), cheaply: an
+    image folder is listed, not decoded."""
+    spec = dataset_spec(d.dataset)
+    if spec.folder:
+        return list_images(split_folder(d.root, False), d.classes_file)[2]
+    return spec.load(d.root, train=False, download=d.download).classes

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import os
 import sys
+import warnings
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
@@ -22,7 +23,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from ssl_sec.data.crops import read_centre, read_crops
+from ssl_sec.data.crops import crop_box, read_centre, read_crops
 from ssl_sec.data.index import FileIndex
 from ssl_sec.errors import DataError
 
@@ -62,6 +63,14 @@ class StreamSet:
 def _one_thread(_: int) -> None:
     # Each worker decodes one image at a time; torch threads inside workers only contend.
     torch.set_num_threads(1)
+
+
+def _private_generator() -> torch.Generator:
+    # A DataLoader draws its workers' base seed from this generator at every epoch; the
+    # default (the global RNG) would shift the augmentation's random stream by one draw per
+    # loader, so a resumed run (no kNN loaders before its first epoch) would diverge. Our
+    # workers never use that seed: every crop is seeded by (seed, epoch, index).
+    return torch.Generator().manual_seed(0)
 
 
 class _Log:
@@ -126,6 +135,110 @@ def _collate_crops(items):
     return views, torch.tensor([label for _, label, _, _ in items]), skipped, None
 
 
+# ----------------------------------------------------------------------------- GPU decoding
+# What torchvision.io.decode_jpeg decodes on a GPU: baseline and progressive JPEGs in colour or
+# greyscale. Anything else (PNG, CMYK JPEG, ...) is decoded by the worker and arrives as crops.
+_DEVICE_DECODABLE = {("JPEG", "RGB"), ("JPEG", "L")}
+
+
+class BytesStream(CropStream):
+    """`data.decode: gpu`. Item (epoch, i): the file's bytes and each view's crop box, for the
+    device to decode and crop; the boxes come from the index's image size with the same
+    (seed, epoch, i) draws as `CropStream`, so both decoders cut the same boxes. A file the
+    device cannot decode is decoded here and arrives as finished crops."""
+
+    def __getitem__(self, key: tuple[int, int]):
+        epoch, i = key
+        path = str(self.index.path(i))
+        fmt = (self.index.formats[i], self.index.modes[i])
+        if fmt not in _DEVICE_DECODABLE:
+            crops, label, skipped, error = super().__getitem__(key)
+            return ("crops", None if crops is None else torch.stack(crops), None, label,
+                    skipped, error, path)
+        rng = np.random.default_rng((self.seed, epoch, i))
+        width, height = self.index.sizes[i]
+        boxes = torch.tensor([crop_box(rng, height, width, scale, ratio)
+                              for scale, ratio in self.views])
+        try:
+            data = torch.frombuffer(bytearray(self.index.path(i).read_bytes()), dtype=torch.uint8)
+        except OSError as err:
+            return "crops", None, None, -1, [], f"image {path} cannot be read ({err})", path
+        return "bytes", data, boxes, int(self.index.labels[i]), [], None, path
+
+
+def _collate_bytes(items):
+    """Variable-length items stay a list; the device decodes them."""
+    errors = [it[5] for it in items if it[5]]
+    skipped = [s for it in items for s in it[4]]
+    return items, skipped, errors[0] if errors else None
+
+
+def _resized(image: torch.Tensor, box: torch.Tensor, size: int) -> torch.Tensor:
+    """One box of a decoded (3, H, W) uint8 image resized to (3, size, size) uint8 with an
+    antialiased bilinear filter (PIL's, as the CPU path), on the image's device."""
+    top, left, h, w = box.tolist()
+    patch = image[:, top:top + h, left:left + w].unsqueeze(0).float()
+    out = torch.nn.functional.interpolate(patch, size=(size, size), mode="bilinear",
+                                          align_corners=False, antialias=True)
+    return out.squeeze(0).round_().clamp_(0, 255).to(torch.uint8)
+
+
+def decode_on_device(items: list, size: int, device: torch.device, skip_bad: bool
+                     ) -> tuple[list[torch.Tensor], torch.Tensor, list[str]]:
+    """The crops of a `BytesStream` batch on `device`: JPEGs decoded there in one batched
+    call, cut and resized there; worker-decoded crops copied. A JPEG the device cannot decode
+    stops with its name, or with `skip_bad` takes the crops and label of the batch's first
+    good image (the batch keeps its size; the file is reported). Returns (one
+    (B, 3, size, size) uint8 tensor per view, labels, reasons of files replaced)."""
+    with warnings.catch_warnings():
+        # torchvision >= 0.29 deprecates its decoders in favour of TorchCodec; decode_jpeg on
+        # CUDA is still there and is what this path uses.
+        warnings.filterwarnings("ignore", category=DeprecationWarning, module="torchvision")
+        return _decode_on_device(items, size, device, skip_bad)
+
+
+def _decode_on_device(items: list, size: int, device: torch.device, skip_bad: bool
+                      ) -> tuple[list[torch.Tensor], torch.Tensor, list[str]]:
+    from torchvision.io import ImageReadMode, decode_jpeg
+
+    jpegs = [k for k, it in enumerate(items) if it[0] == "bytes"]
+    decoded: dict[int, torch.Tensor] = {}
+    if jpegs:
+        data = [items[k][1] for k in jpegs]
+        try:
+            images = decode_jpeg(data, mode=ImageReadMode.RGB, device=device)
+            decoded = dict(zip(jpegs, images, strict=True))
+        except RuntimeError:  # one bad file fails the batch: find it by decoding one by one
+            for k, payload in zip(jpegs, data, strict=True):
+                try:
+                    decoded[k] = decode_jpeg(payload, mode=ImageReadMode.RGB, device=device)
+                except RuntimeError as err:
+                    reason = (f"image {items[k][6]} cannot be decoded "
+                              f"({str(err).splitlines()[0]})")
+                    if not skip_bad:
+                        raise DataError(reason + BAD_HINT) from None
+                    decoded[k] = reason
+    views: list[torch.Tensor | None] = []
+    labels, replaced = [], []
+    for k, (kind, payload, boxes, label, *_) in enumerate(items):
+        if kind == "crops":
+            views.append(payload.to(device, non_blocking=True))
+        elif isinstance(decoded[k], str):
+            replaced.append(decoded[k])
+            views.append(None)
+        else:
+            views.append(torch.stack([_resized(decoded[k], box, size) for box in boxes]))
+        labels.append(label)
+    good = [k for k, v in enumerate(views) if v is not None]
+    if not good:
+        raise DataError(f"a whole batch failed to decode: {replaced[0]}{BAD_HINT}")
+    for k, v in enumerate(views):
+        if v is None:
+            views[k], labels[k] = views[good[0]], labels[good[0]]
+    crops = torch.stack(views)  # (B, V, 3, size, size)
+    return list(crops.unbind(1)), torch.tensor(labels, device=device), replaced
+
+
 class _EpochBatches(Sampler):
     """This rank's share of each global batch of the epoch's permutation, as (epoch, i) keys."""
 
@@ -166,11 +279,14 @@ class StreamLoader:
         self.batches = _EpochBatches(len(dataset), batch_size, generator, shard, shuffle)
         self.device = device
         self.log = _Log(log)
+        self.dataset = dataset
+        self.on_device = isinstance(dataset, BytesStream)
         self.loader = DataLoader(
             dataset, batch_sampler=self.batches, num_workers=workers,
-            collate_fn=_collate_crops, pin_memory=device.type == "cuda",
+            collate_fn=_collate_bytes if self.on_device else _collate_crops,
+            pin_memory=device.type == "cuda",
             persistent_workers=workers > 0, prefetch_factor=4 if workers else None,
-            worker_init_fn=_one_thread if workers else None)
+            worker_init_fn=_one_thread if workers else None, generator=_private_generator())
 
     @property
     def generator(self) -> torch.Generator:
@@ -183,12 +299,25 @@ class StreamLoader:
         return len(self.batches)
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, ...]]:
+        if self.on_device:
+            yield from self._decoded_on_device()
+            return
         for views, labels, skipped, error in self.loader:
             self.log.bad(skipped)
             if error:
                 raise DataError(error + BAD_HINT)
             yield (*(v.to(self.device, non_blocking=True) for v in views),
                    labels.to(self.device, non_blocking=True))
+
+    def _decoded_on_device(self) -> Iterator[tuple[torch.Tensor, ...]]:
+        for items, skipped, error in self.loader:
+            self.log.bad(skipped)
+            if error:
+                raise DataError(error + BAD_HINT)
+            views, labels, replaced = decode_on_device(items, self.dataset.size, self.device,
+                                                       self.dataset.skip_bad)
+            self.log.bad(replaced)
+            yield *views, labels
 
 
 # ----------------------------------------------------------------------------- evaluation
@@ -234,7 +363,8 @@ def stream_batches(stream: StreamSet, size: int, resize: int | None, batch_size:
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False,
                         num_workers=stream.workers, collate_fn=_collate_centre,
                         pin_memory=device.type == "cuda",
-                        worker_init_fn=_one_thread if stream.workers else None)
+                        worker_init_fn=_one_thread if stream.workers else None,
+                        generator=_private_generator())
     report = _Log(log)
     for images, labels, errors in loader:
         if errors and not stream.skip_bad:

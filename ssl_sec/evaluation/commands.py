@@ -110,6 +110,17 @@ def feature_key(path: Path, cfg: Config, split: str, transform: torch.nn.Module)
     }
 
 
+def split_features(backbone: torch.nn.Module, source, transform: torch.nn.Module,
+                   cache_dir: Path | None, path: Path, cfg: Config, split: str,
+                   device: torch.device, normalize: bool = True, precision: str | None = None
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Features and labels of one split (in memory or streamed), through the feature cache."""
+    return cached_features(backbone, source, transform, cache_dir,
+                           feature_key(path, cfg, split, transform), device, cfg.augment.size,
+                           cfg.data.eval_resize, precision=precision or cfg.precision,
+                           normalize=normalize)
+
+
 # ----------------------------------------------------------------------------- kNN
 def knn_command(path: Path, overrides: list[str], cache: bool = True) -> dict:
     """Weighted kNN (METHODS.md section 5) of the checkpoint's backbone; the train-set bank
@@ -118,23 +129,21 @@ def knn_command(path: Path, overrides: list[str], cache: bool = True) -> dict:
     cfg = checkpoint_config(path, ckpt, overrides)
     device = resolve_device(cfg.device)
     backbone = to_device(backbone_from_checkpoint(path, ckpt, cfg), cfg, device)
-    splits = load_splits(cfg.data)
-    train_set, test_set = splits.bank, splits.test
+    splits = load_splits(cfg.data, cache_dir=path.parent)
     transform = eval_transform_for(cfg, pretrain_dataset(ckpt), device)
     cache_dir = cache_dir_for(path, cache)
     t0 = time.perf_counter()
-    feats = {}
-    for split, ds in (("train", train_set), ("test", test_set)):
-        feats[split] = cached_features(backbone, ds.images.to(device), transform, cache_dir,
-                                       feature_key(path, cfg, split, transform),
-                                       precision=cfg.precision)
+    feats, labels = {}, {}
+    for split, ds in (("train", splits.bank), ("test", splits.test)):
+        feats[split], labels[split] = split_features(backbone, ds, transform, cache_dir, path,
+                                                     cfg, split, device)
     e = cfg.eval
-    acc = knn_evaluate(feats["train"], train_set.labels.to(device), feats["test"],
-                       test_set.labels.to(device), e)
+    acc = knn_evaluate(feats["train"], labels["train"], feats["test"], labels["test"], e)
     result = {"top1": acc["top1"], "top5": acc["top5"], "k": e.knn_k,
               "T": e.knn_temperature, "feature_layer": "backbone (pooled, L2-normalised)",
-              "dataset": cfg.data.dataset, "n_train": len(train_set.labels),
-              "n_test": len(test_set.labels), "checkpoint": str(path),
+              "dataset": cfg.data.dataset, "data_mode": splits.mode,
+              "n_train": len(labels["train"]),
+              "n_test": len(labels["test"]), "checkpoint": str(path),
               "feature_cache": None if cache_dir is None else str(cache_dir),
               "seconds": round(time.perf_counter() - t0, 2)}
     out = path.with_name(f"{path.stem}.knn.json")

@@ -6,6 +6,7 @@ import functools
 import hashlib
 import json
 import warnings
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import torch
@@ -13,10 +14,30 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..checkpoint import atomic_save
+from ..data.cifar import ImageSet
+from ..data.stream import StreamSet, stream_batches
 from ..runtime import autocast_for, effective_precision
 
 
 @torch.no_grad()
+def embed(backbone: nn.Module, batches: Iterable[torch.Tensor], transform: nn.Module,
+          device: torch.device, precision: str = "auto") -> torch.Tensor:
+    """Eval-mode backbone features (float32, not normalised) of uint8 batches, in order.
+
+    Train-mode BN would use batch statistics and update its running statistics (a classic
+    mistake in kNN monitors): the whole pass runs in eval mode, restored afterwards."""
+    was_training = backbone.training
+    backbone.eval()
+    out = []
+    try:
+        with autocast_for(device, precision):
+            for images in batches:
+                out.append(backbone(transform(images)).float())
+    finally:
+        backbone.train(was_training)
+    return torch.cat(out) if out else torch.zeros((0, 0), device=device)
+
+
 def extract_features(backbone: nn.Module, images: torch.Tensor, transform: nn.Module,
                      batch_size: int = 1024, precision: str = "auto",
                      normalize: bool = True) -> torch.Tensor:
@@ -29,25 +50,59 @@ def extract_features(backbone: nn.Module, images: torch.Tensor, transform: nn.Mo
     Returns:
         float32 (N, D), L2-normalised when `normalize`.
     """
-    was_training = backbone.training
-    # Train-mode BN would use batch statistics and update running stats: a classic
-    # mistake in kNN monitors. Eval mode for the whole pass, restored afterwards.
-    backbone.eval()
-    device = images.device
-    out = []
-    try:
-        with autocast_for(device, precision):
-            for start in range(0, images.shape[0], batch_size):
-                x = transform(images[start:start + batch_size])
-                out.append(backbone(x).float())
-    finally:
-        backbone.train(was_training)
-    feats = torch.cat(out) if out else images.new_zeros((0, 0), dtype=torch.float32)
+    chunks = (images[i:i + batch_size] for i in range(0, images.shape[0], batch_size))
+    feats = embed(backbone, chunks, transform, images.device, precision)
     return F.normalize(feats, dim=1) if normalize else feats
 
 
+Labelled = ImageSet | StreamSet | tuple[torch.Tensor, torch.Tensor]
+
+
+def labelled_batches(source: Labelled, device: torch.device, size: int,
+                     resize: int | None = None, batch_size: int = 1024
+                     ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """A labelled set's images in order, as (uint8 images, labels) batches on `device`.
+
+    source: an ImageSet, (uint8 images, labels) tensors, or a StreamSet (its evaluation
+    views, shorter side `resize` and centre crop `size`, decoded by DataLoader workers: the
+    set is never held in memory; a bad file left out by `skip_bad_images` is absent)."""
+    if isinstance(source, StreamSet):
+        yield from stream_batches(source, size, resize, min(batch_size, 256), device)
+        return
+    images, labels = (source.images, source.labels) if isinstance(source, ImageSet) else source
+    for start in range(0, images.shape[0], batch_size):
+        yield (images[start:start + batch_size].to(device),
+               labels[start:start + batch_size].to(device))
+
+
+def labelled_features(backbone: nn.Module, source: Labelled, transform: nn.Module,
+                      device: torch.device, size: int, resize: int | None = None,
+                      precision: str = "auto", normalize: bool = True,
+                      batch_size: int = 1024) -> tuple[torch.Tensor, torch.Tensor]:
+    """Eval-mode features (N, D) and labels (N,) of a labelled set, in memory or streamed."""
+    labels: list[torch.Tensor] = []
+
+    def images():
+        for x, y in labelled_batches(source, device, size, resize, batch_size):
+            labels.append(y)
+            yield x
+
+    feats = embed(backbone, images(), transform, device, precision)
+    feats = F.normalize(feats, dim=1) if normalize else feats
+    return feats, (torch.cat(labels) if labels else torch.zeros(0, dtype=torch.int64,
+                                                                 device=device))
+
+
+def source_digest(source: Labelled) -> str:
+    """What identifies a set's images for the feature cache: the pixels, or the file index."""
+    if isinstance(source, StreamSet):
+        return "files:" + source.index.digest()
+    images = source.images if isinstance(source, ImageSet) else source[0]
+    return tensor_digest(images)
+
+
 # ----------------------------------------------------------------------------- feature cache
-CACHE_FORMAT = "ssl_sec.features/1"
+CACHE_FORMAT = "ssl_sec.features/2"  # /2: labels stored with the features
 
 
 @functools.lru_cache(maxsize=32)
@@ -90,44 +145,50 @@ def _canonical(parts: dict) -> dict:
         raise TypeError(f"cached_features: key_parts must be JSON-serialisable ({err})") from None
 
 
-def cached_features(backbone: nn.Module, images: torch.Tensor, transform: nn.Module,
-                    cache_dir: str | Path | None, key_parts: dict, batch_size: int = 1024,
-                    precision: str = "auto", normalize: bool = True) -> torch.Tensor:
-    """`extract_features`, memoised on disk as `<cache_dir>/<sha256 of the key>.pt`.
+def cached_features(backbone: nn.Module, source: Labelled, transform: nn.Module,
+                    cache_dir: str | Path | None, key_parts: dict, device: torch.device,
+                    size: int, resize: int | None = None, batch_size: int = 1024,
+                    precision: str = "auto", normalize: bool = True
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+    """`labelled_features`, memoised on disk as `<cache_dir>/<sha256 of the key>.pt`.
 
     The key is the sha256 of `key_parts` (callers pass the checkpoint file's sha256, dataset,
     split, subset, classes, image size and the transform's settings) plus what this function
-    knows itself: a digest of the uint8 images, whether the features are L2-normalised and the
-    arithmetic actually used (bf16 on CUDA, fp32 elsewhere). Files are written atomically and
-    read with `weights_only=True`; a stale, corrupt or mismatching file is recomputed and
-    replaced. `cache_dir=None` disables the cache.
+    knows itself: a digest of the images (their uint8 pixels, or a streamed folder's file
+    index), whether the features are L2-normalised and the arithmetic actually used. Files
+    are written atomically and read with `weights_only=True`; a stale, corrupt or mismatching
+    file is recomputed and replaced. `cache_dir=None` disables the cache.
 
-    Shape: images uint8 (N,3,H,W) -> float32 (N, D) on the images' device.
+    Returns features float32 (N, D) and labels (N,) on `device`.
     """
+    def compute() -> tuple[torch.Tensor, torch.Tensor]:
+        return labelled_features(backbone, source, transform, device, size, resize, precision,
+                                 normalize, batch_size)
+
     if cache_dir is None:
-        return extract_features(backbone, images, transform, batch_size=batch_size,
-                                precision=precision, normalize=normalize)
-    parts = _canonical({**key_parts, "n_images": int(images.shape[0]),
-                        "images": tensor_digest(images), "normalized": bool(normalize),
-                        "precision": effective_precision(images.device, precision)})
+        return compute()
+    parts = _canonical({**key_parts, "n_images": len(source[1] if isinstance(source, tuple)
+                                                     else source.labels),
+                        "images": source_digest(source), "normalized": bool(normalize),
+                        "precision": effective_precision(device, precision),
+                        "resize": resize if isinstance(source, StreamSet) else None})
     key = hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
     path = Path(cache_dir) / f"{key[:32]}.pt"
     if path.is_file():
         try:
             entry = torch.load(path, map_location="cpu", weights_only=True)
-            feats = entry["features"]
+            feats, labels = entry["features"], entry["labels"]
             if (entry.get("format") == CACHE_FORMAT and entry.get("key") == key
                     and entry.get("key_parts") == parts and feats.ndim == 2
-                    and feats.shape[0] == images.shape[0]):
-                return feats.to(device=images.device, dtype=torch.float32)
+                    and feats.shape[0] == labels.shape[0]):
+                return feats.to(device=device, dtype=torch.float32), labels.to(device)
         except Exception:  # noqa: BLE001 - an unreadable cache entry is recomputed, not fatal
             pass
-    feats = extract_features(backbone, images, transform, batch_size=batch_size,
-                             precision=precision, normalize=normalize)
+    feats, labels = compute()
     try:
         atomic_save({"format": CACHE_FORMAT, "key": key, "key_parts": parts,
-                     "features": feats.detach().cpu()}, path)
+                     "features": feats.detach().cpu(), "labels": labels.cpu()}, path)
     except OSError as err:
         warnings.warn(f"feature cache not written to '{path}' ({err}); continuing without it",
                       stacklevel=2)
-    return feats
+    return feats, labels

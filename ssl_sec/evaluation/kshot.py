@@ -40,7 +40,7 @@ import torch
 import torch.nn.functional as F
 
 from ..checkpoint import load_checkpoint
-from ..data import load_dataset, load_splits
+from ..data import class_names, load_splits
 from ..errors import UserError
 from ..runtime import resolve_device
 from .commands import (
@@ -48,11 +48,10 @@ from .commands import (
     cache_dir_for,
     checkpoint_config,
     eval_transform_for,
-    feature_key,
     pretrain_dataset,
+    split_features,
     to_device,
 )
-from .features import cached_features
 
 DEFAULT_SHOTS = (1, 5, 10, 50)
 METHODS = ("prototype", "nn1", "logistic")
@@ -241,9 +240,7 @@ def kshot_command(path: Path, shots: Sequence[int] = DEFAULT_SHOTS, replications
     ckpt = load_checkpoint(path)
     cfg = checkpoint_config(path, ckpt, overrides)
     source = cfg.data.classes
-    n_all = len(load_dataset(cfg.data.dataset, root=cfg.data.root, train=False,
-                             download=cfg.data.download, image_size=cfg.data.image_size,
-                             classes_file=cfg.data.classes_file).classes)
+    n_all = len(class_names(cfg.data))
     if target is None:
         target = [c for c in range(n_all) if source is None or c not in source]
         target = target or list(range(n_all))
@@ -255,16 +252,14 @@ def kshot_command(path: Path, shots: Sequence[int] = DEFAULT_SHOTS, replications
     backbone = to_device(backbone_from_checkpoint(path, ckpt, cfg), cfg, device)
     transform = eval_transform_for(cfg, pretrain_dataset(ckpt), device)
     del ckpt
-    splits = load_splits(cfg.data)
-    train_set, test_set = splits.bank, splits.test
+    splits = load_splits(cfg.data, cache_dir=path.parent)
     cache_dir = cache_dir_for(path, cache)
     t0 = time.perf_counter()
     parts = []
-    for name, ds in (("train", train_set), ("test", test_set)):
+    for name, ds in (("train", splits.bank), ("test", splits.test)):
         if split in (name, "all"):
-            f = cached_features(backbone, ds.images.to(device), transform, cache_dir,
-                                feature_key(path, cfg, name, transform), precision=cfg.precision)
-            parts.append((f, ds.labels.to(device)))
+            parts.append(split_features(backbone, ds, transform, cache_dir, path, cfg, name,
+                                        device))
     feats = torch.cat([p[0] for p in parts])
     labels = torch.cat([p[1] for p in parts])
     missing = sorted(set(target) - set(labels.unique().tolist()))

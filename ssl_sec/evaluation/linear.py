@@ -32,8 +32,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..checkpoint import load_checkpoint
-from ..config import LinearConfig, LinearOptimConfig, load_linear_recipe, to_dict
+from ..config import Config, LinearConfig, LinearOptimConfig, load_linear_recipe, to_dict
 from ..data import NORMALIZATION, load_splits
+from ..data.stream import CropStream, StreamLoader, StreamSet
 from ..errors import ConfigError
 from ..optim import lr_at, set_lr
 from ..runtime import autocast_for, resolve_device
@@ -42,11 +43,10 @@ from .commands import (
     cache_dir_for,
     checkpoint_config,
     eval_transform_for,
-    feature_key,
     pretrain_dataset,
+    split_features,
     to_device,
 )
-from .features import cached_features
 from .knn import knn_accuracy
 
 Batches = Callable[[int], Iterable[tuple[torch.Tensor, torch.Tensor]]]
@@ -181,31 +181,56 @@ def probe_on_features(train_feats: torch.Tensor, train_labels: torch.Tensor,
     return {**out, "head": head}
 
 
-def probe_full(backbone: nn.Module, train_images: torch.Tensor, train_labels: torch.Tensor,
+def probe_full(backbone: nn.Module, train_batches: Batches, steps: int,
                test_feats: torch.Tensor, test_labels: torch.Tensor, num_classes: int,
-               cfg: LinearConfig, augment: nn.Module, feat_dim: int,
+               cfg: LinearConfig, augment: nn.Module, feat_dim: int, device: torch.device,
                writer=None, log=None) -> dict:
     """Standard protocol: augmented uint8 batches through the frozen eval-mode backbone.
 
-    Shape: train_images uint8 (N,3,H,W) on the device; test_feats (Q, D) are the backbone's
-    features of the plain test view (deterministic, so computing them once is exact).
+    `train_batches(epoch)` yields (uint8 images (B,3,H,W), labels (B,)) on `device`, `steps`
+    per epoch; test_feats (Q, D) are the backbone's features of the plain test view
+    (deterministic, so computing them once is exact).
     """
     torch.manual_seed(cfg.seed)
-    device = train_images.device
     head = make_head(feat_dim, num_classes).to(device)
-    order = _shuffled(train_images.shape[0], cfg.optim.batch_size, cfg.seed, device)
     with frozen_backbone(backbone):
         check_trainable(backbone, head)
 
         def batches(epoch: int):
-            for idx in order(epoch):
+            for images, labels in train_batches(epoch):
                 with torch.no_grad(), autocast_for(device, cfg.precision):
-                    feats = backbone(augment(train_images[idx]))
-                yield feats.float(), train_labels[idx]
+                    feats = backbone(augment(images))
+                yield feats.float(), labels
 
-        steps = math.ceil(train_images.shape[0] / cfg.optim.batch_size)
         out = train_head(head, batches, steps, test_feats, test_labels, cfg.optim, writer, log)
     return {**out, "head": head}
+
+
+def _train_batches(source, cfg: Config, lcfg: LinearConfig, device: torch.device
+                   ) -> tuple[Batches, int]:
+    """The probe's training batches per epoch and their number: index batches of the uint8
+    set on the device, or, for a streamed set, one random-resized crop per image cut by the
+    loader's workers (only the flip is left for the device)."""
+    bs = lcfg.optim.batch_size
+    if not isinstance(source, StreamSet):
+        images, labels = source.images.to(device), source.labels.to(device)
+        order = _shuffled(images.shape[0], bs, lcfg.seed, device)
+        return (lambda epoch: ((images[idx], labels[idx]) for idx in order(epoch)),
+                math.ceil(images.shape[0] / bs))
+    if lcfg.augment.crop != "resized":
+        raise ConfigError(f"linear augment.crop={lcfg.augment.crop} needs the images in memory; "
+                          "a streamed set is cropped by the loader: use augment.crop=resized "
+                          "(recipes/linear/imagenet100.yaml)")
+    crops = CropStream(source.index, cfg.augment.size,
+                       [(lcfg.augment.crop_scale, (3 / 4, 4 / 3))], lcfg.seed, source.skip_bad)
+    loader = StreamLoader(crops, bs, torch.Generator().manual_seed(lcfg.seed), device,
+                          workers=source.workers)
+
+    def batches(epoch: int):
+        loader.set_epoch(epoch)
+        return ((images, labels) for images, labels in loader)
+
+    return batches, len(loader)
 
 
 # ----------------------------------------------------------------------------- command
@@ -254,48 +279,49 @@ def linear_command(path: Path, recipe: str | Path | None, overrides: list[str],
     backbone = to_device(backbone_from_checkpoint(path, ckpt, cfg), cfg, device)
     base = pretrain_dataset(ckpt)
     del ckpt
-    splits = load_splits(cfg.data)
-    train_set, test_set = splits.bank, splits.test
+    splits = load_splits(cfg.data, cache_dir=path.parent)
     transform = eval_transform_for(cfg, base, device)
     cache_dir = cache_dir_for(path, cache)
-    num_classes = len(train_set.classes)
-    train_x, train_y = train_set.images.to(device), train_set.labels.to(device)
-    test_y = test_set.labels.to(device)
+    num_classes = len(splits.bank.classes)
 
     show = sys.stderr.isatty() if verbose is None else verbose
     log = (lambda msg: print(msg, file=sys.stderr, flush=True)) if show else None
     t0 = time.perf_counter()
 
-    def feats_of(split: str, images: torch.Tensor) -> torch.Tensor:
+    def feats_of(split: str, source) -> tuple[torch.Tensor, torch.Tensor]:
         # Raw (un-normalised) pooled features: what the head sees in the full protocol too.
-        return cached_features(backbone, images, transform, cache_dir,
-                               feature_key(path, cfg, split, transform),
-                               precision=lcfg.precision, normalize=False)
+        return split_features(backbone, source, transform, cache_dir, path, cfg, split, device,
+                              normalize=False, precision=lcfg.precision)
 
-    test_feats = feats_of("test", test_set.images.to(device))
+    test_feats, test_y = feats_of("test", splits.test)
     dim = test_feats.shape[1]
     tb_dir = path.parent / "linear_tb" / f"{path.stem}.{lcfg.mode}"
     writer = SummaryWriter(log_dir=str(tb_dir))
     try:
         if lcfg.mode == "features":
             with frozen_backbone(backbone):
-                train_feats = feats_of("train", train_x)
+                train_feats, train_y = feats_of("train", splits.bank)
             out = probe_on_features(train_feats, train_y, test_feats, test_y, num_classes,
                                     lcfg, writer, log)
+            n_train = len(train_y)
         else:
             mean, std = NORMALIZATION[base]
             a = lcfg.augment
-            augment = LinearTrainAugment(size=cfg.augment.size, mean=mean, std=std, crop=a.crop,
-                                         padding=a.padding, crop_scale=tuple(a.crop_scale),
+            streamed = isinstance(splits.bank, StreamSet)
+            augment = LinearTrainAugment(size=cfg.augment.size, mean=mean, std=std,
+                                         crop=None if streamed else a.crop, padding=a.padding,
+                                         crop_scale=tuple(a.crop_scale),
                                          hflip_p=a.hflip_p).to(device)
-            out = probe_full(backbone, train_x, train_y, test_feats, test_y, num_classes, lcfg,
-                             augment, dim, writer, log)
+            batches, steps = _train_batches(splits.bank, cfg, lcfg, device)
+            out = probe_full(backbone, batches, steps, test_feats, test_y, num_classes, lcfg,
+                             augment, dim, device, writer, log)
+            n_train = len(splits.bank.labels)
     finally:
         writer.close()
     result = {"top1": out["top1"], "top5": out["top5"], "epochs": lcfg.optim.epochs,
               "protocol": protocol_text(lcfg, dim, num_classes), "mode": lcfg.mode,
-              "dataset": cfg.data.dataset, "n_train": len(train_set.labels),
-              "n_test": len(test_set.labels), "num_classes": num_classes, "feature_dim": dim,
+              "dataset": cfg.data.dataset, "data_mode": splits.mode, "n_train": n_train,
+              "n_test": len(test_y), "num_classes": num_classes, "feature_dim": dim,
               "checkpoint": str(path), "backbone_unchanged": True,
               "tensorboard": str(tb_dir), "recipe": to_dict(lcfg),
               "seconds": round(time.perf_counter() - t0, 2)}

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Iterable
 from pathlib import Path
 
 import torch
@@ -22,6 +23,7 @@ from ..engine import build_model
 from ..errors import CheckpointError, UserError
 from ..runtime import autocast_for, resolve_device
 from .commands import checkpoint_config, eval_transform_for, pretrain_dataset
+from .features import labelled_batches
 
 
 def norm_statistics(norms: torch.Tensor) -> dict[str, float]:
@@ -39,20 +41,21 @@ def norm_statistics(norms: torch.Tensor) -> dict[str, float]:
 
 
 @torch.no_grad()
-def embed_norms(encoder: nn.Module, images: torch.Tensor, transform: nn.Module,
-                batch_size: int = 1024, precision: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
+def embed_norms(encoder: nn.Module, batches: Iterable[torch.Tensor], transform: nn.Module,
+                device: torch.device, precision: str = "auto"
+                ) -> tuple[torch.Tensor, torch.Tensor]:
     """||h|| and ||z|| of every image under the plain eval view, encoder in eval mode.
 
-    `encoder(x)` must return (h, z) (ssl_sec.models.Encoder).
-    Shape: images uint8 (N,3,H,W) -> two float32 (N,) tensors on the CPU.
+    `encoder(x)` must return (h, z) (ssl_sec.models.Encoder); `batches` yields uint8
+    (B,3,H,W) images on `device`. Returns two float32 (N,) tensors on the CPU.
     """
     was_training = encoder.training
     encoder.eval()
     hs, zs = [], []
     try:
-        with autocast_for(images.device, precision):
-            for start in range(0, images.shape[0], batch_size):
-                h, z = encoder(transform(images[start:start + batch_size]))
+        with autocast_for(device, precision):
+            for images in batches:
+                h, z = encoder(transform(images))
                 hs.append(h.float().norm(dim=1).cpu())
                 zs.append(z.float().norm(dim=1).cpu())
     finally:
@@ -109,10 +112,11 @@ def norms_command(path: Path, overrides: list[str] | None = None) -> dict:
                               f"({str(err).splitlines()[0][:160]})") from None
     transform = eval_transform_for(cfg, pretrain_dataset(ckpt), device)
     del ckpt
-    test_set = load_splits(cfg.data).test
+    test_set = load_splits(cfg.data, cache_dir=path.parent).test
     t0 = time.perf_counter()
-    h, z = embed_norms(model.encoder, test_set.images.to(device), transform,
-                       precision=cfg.precision)
+    batches = (x for x, _ in labelled_batches(test_set, device, cfg.augment.size,
+                                              cfg.data.eval_resize))
+    h, z = embed_norms(model.encoder, batches, transform, device, precision=cfg.precision)
     stats = {"h": norm_statistics(h), "z": norm_statistics(z)}
     png = path.with_name(f"{path.stem}.norms.png")
     plot_norm_histograms(h, z, stats, png, title=f"{path} on {cfg.data.dataset} test "
