@@ -29,6 +29,7 @@ import argparse
 import json
 import os
 import resource
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -119,6 +120,7 @@ def time_to_first_step(folder: Path, mode: str, workdir: Path, workers: int) -> 
     """Launch `ssl-sec pretrain` and stop it once it logged its first step."""
     name = f"start-{mode}"
     run = workdir / "runs" / name
+    shutil.rmtree(run, ignore_errors=True)  # a fresh run (an old metrics file would be read)
     cmd = [sys.executable, "-m", "ssl_sec", "pretrain", "recipes/imagenet100/simclr.yaml",
            f"data.root={folder}", "data.classes_file=null", f"data.mode={mode}",
            f"data.workers={workers}", "data.image_size=224", "optim.batch_size=32",
@@ -135,15 +137,15 @@ def time_to_first_step(folder: Path, mode: str, workdir: Path, workers: int) -> 
             first = next((r for r in rows if r["kind"] == "start"), None)
     proc.kill()
     proc.wait()
-    if first is None:
+    if first is None or first["perf/first_step_unix_time"] < t0:
         raise SystemExit(f"{mode} run ended before its first step: {proc.stderr.read()[-2000:]}")
     return {"mode": mode, "seconds_from_command": first["perf/first_step_unix_time"] - t0,
             "seconds_inside_train": first["perf/seconds_to_first_step"], "command": " ".join(cmd)}
 
 
-def streamed_epoch_memory(folder: Path, workers: int, batch: int) -> dict:
-    """Peak RSS of this process and of its (worker) children over one loader epoch, measured
-    in a fresh process so nothing else is counted."""
+def streamed_epoch_memory(folder: Path, workers: int, batch: int, epochs: int = 1) -> dict:
+    """Peak RSS of this process and of its (worker) children over `epochs` loader epochs,
+    measured in a fresh process so nothing else is counted."""
     code = f"""
 import json, resource, torch
 from pathlib import Path
@@ -153,9 +155,12 @@ torch.set_num_threads(1)
 index = build_index(Path({str(folder / 'train')!r}))
 loader = StreamLoader(CropStream(index, 224, [((0.08, 1.0), (0.75, 4 / 3))] * 2, 0), {batch},
                       torch.Generator().manual_seed(0), torch.device("cpu"), workers={workers})
-n = sum(1 for _ in loader)
+n = 0
+for epoch in range({epochs}):
+    loader.set_epoch(epoch)
+    n += sum(1 for _ in loader)
 del loader
-print(json.dumps({{"images": len(index), "batches": n,
+print(json.dumps({{"images": len(index), "epochs": {epochs}, "batches": n,
     "main_peak_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
     "worker_peak_mib": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024}}))
 """
@@ -195,11 +200,19 @@ def main() -> None:
     for row in result["first_step"]:
         print(f"  first step, {row['mode']}: {row['seconds_from_command']:.1f} s from the "
               f"command ({args.big:,} images)", flush=True)
-    result["memory"] = [streamed_epoch_memory(folder, args.workers, args.batch)
-                        for folder in (small, big)]
+    # Like for like: the small folder is read for as many batches as one epoch of the big one
+    # (a worker's peak drifts with the number of images it decoded, not with the folder).
+    repeat = max(1, round(args.big / args.images))
+    result["memory"] = [streamed_epoch_memory(small, args.workers, args.batch, 1),
+                        streamed_epoch_memory(small, args.workers, args.batch, repeat),
+                        streamed_epoch_memory(big, args.workers, args.batch, 1)]
     for row in result["memory"]:
-        print(f"  streamed epoch over {row['images']:,} images: main {row['main_peak_mib']:.0f} "
-              f"MiB, largest worker {row['worker_peak_mib']:.0f} MiB peak RSS", flush=True)
+        print(f"  streamed: {row['images']:,} images x {row['epochs']} epoch(s), "
+              f"{row['batches']} batches: main {row['main_peak_mib']:.0f} MiB, largest worker "
+              f"{row['worker_peak_mib']:.0f} MiB peak RSS", flush=True)
+    decoded = (args.big + 100) * 3 * 224 * 224 / 2**20
+    result["memory_mode_decoded_set_mib"] = decoded
+    print(f"  (memory mode holds the decoded set: {decoded:,.0f} MiB at 224 px)", flush=True)
     result["gpu_decode"] = "not measured: no GPU time was left in the session that wrote this"
     result["max_rss_this_process_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     write_result(args.out, result)

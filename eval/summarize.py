@@ -108,6 +108,34 @@ def main() -> None:
            "(issue 8); every other figure on the project's 2-core CPU.", ""]
     out += gpu_sections()
 
+    if d := load("imagefolder_cpu"):
+        out += ["## Streaming image folders on the CPU (issue 9)", "", cmd(d), "",
+                f"Data: {d['note']}. {d['settings']['workers']} DataLoader workers for both "
+                f"pipelines, batch {d['settings']['batch']}, {d['settings']['batches']} timed "
+                "batches after a warm-up.", "",
+                "| output size | ours: uint8 crops, images/s | ours + device ops on the CPU | "
+                "lightly SimCLRTransform + ImageFolder | ratio (crops) | ratio (end to end) |",
+                "| --- | --- | --- | --- | --- | --- |"]
+        for r in d["throughput"]:
+            out.append(f"| {r['size']} px | {r['ours_uint8_crops_images_per_s']:.0f} | "
+                       f"{r['ours_with_device_ops_on_cpu_images_per_s']:.0f} | "
+                       f"{r['lightly_reference_images_per_s']:.0f} | "
+                       f"**{r['ratio_crops_vs_reference']:.2f}x** | "
+                       f"{r['ratio_end_to_end_vs_reference']:.2f}x |")
+        out += ["", "Seconds from `ssl-sec pretrain` to the first training step on the "
+                f"{d['settings']['big']:,}-image folder (plus a 100-image val/):", "",
+                "| data.mode | seconds |", "| --- | --- |",
+                *[f"| {r['mode']} | **{r['seconds_from_command']:.1f}** |" for r in d["first_step"]],
+                "", "Peak resident memory of streamed epochs (loader only, fresh process each):", "",
+                "| images | epochs | batches | main process MiB | largest worker MiB |",
+                "| --- | --- | --- | --- | --- |",
+                *[f"| {r['images']:,} | {r['epochs']} | {r['batches']} | {r['main_peak_mib']:.0f} | "
+                  f"{r['worker_peak_mib']:.0f} |" for r in d["memory"]]]
+        if "memory_mode_decoded_set_mib" in d:
+            out.append(f"\nMemory mode would hold the decoded set: "
+                       f"{d['memory_mode_decoded_set_mib']:,.0f} MiB at 224 px.")
+        out += ["", f"GPU decoding: {d['gpu_decode']}.", "", where(d) + ".", ""]
+
     if d := load("augment_cpu"):
         ips = d["images_per_second"]
         r = d["ratio"]

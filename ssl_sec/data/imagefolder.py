@@ -5,8 +5,8 @@ palette images become RGB), its shorter side resized to ``size`` (bilinear, anti
 centre ``size x size`` crop kept, the same as torchvision's ``Resize(size)`` + ``CenterCrop(size)``.
 The set is then held as uint8 ``(N, 3, size, size)`` and every later augmentation (random resized
 crops included) works on those pixels. That is the protocol for small sets (Imagenette, ImageNet-100
-at 64-128 px, about 5-6 GB at 128 px for ImageNet-100); full-resolution training on large sets
-needs a streaming loader instead.
+at 64-128 px, about 5-6 GB at 128 px for ImageNet-100). Large sets, and crops from the
+full-resolution photos, are streamed instead (`data.mode: stream`, ssl_sec/data/stream.py).
 """
 
 from __future__ import annotations
