@@ -47,6 +47,7 @@ from kornia.enhance import (
 )
 from torch import nn
 
+from ssl_sec.data.crops import centre_fallback
 from ssl_sec.errors import ConfigError
 
 __all__ = [
@@ -159,16 +160,6 @@ def _uniform(shape: tuple[int, ...], low: float, high: float, device: torch.devi
     return torch.rand(shape, device=device).mul_(high - low).add_(low)
 
 
-def _centre_fallback(height: int, width: int, ratio: tuple[float, float]) -> tuple[int, int]:
-    """torchvision's box when no try fits: the whole image, cut to the nearest allowed ratio."""
-    in_ratio = width / height
-    if in_ratio < ratio[0]:
-        return width, int(round(width / ratio[0]))
-    if in_ratio > ratio[1]:
-        return int(round(height * ratio[1])), height
-    return width, height
-
-
 def sample_crop_boxes(n: int, height: int, width: int, scale: tuple[float, float],
                       ratio: tuple[float, float], device: torch.device,
                       tries: int = 10) -> torch.Tensor:
@@ -189,7 +180,7 @@ def sample_crop_boxes(n: int, height: int, width: int, scale: tuple[float, float
     fits = (w > 0) & (w <= width) & (h > 0) & (h <= height)
     first = fits.to(torch.uint8).argmax(dim=1, keepdim=True)  # index of the first fit
     found = fits.any(dim=1)
-    fw, fh = _centre_fallback(height, width, ratio)
+    fw, fh = centre_fallback(height, width, ratio)
     w = torch.where(found, w.gather(1, first).squeeze(1), float(fw))
     h = torch.where(found, h.gather(1, first).squeeze(1), float(fh))
     corner = torch.rand((n, 2), device=device)

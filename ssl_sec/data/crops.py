@@ -63,14 +63,19 @@ def crop_box(rng: np.random.Generator, height: int, width: int,
         h = round(math.sqrt(target / aspect))
         if 0 < w <= width and 0 < h <= height:
             return int(rng.integers(0, height - h + 1)), int(rng.integers(0, width - w + 1)), h, w
+    w, h = centre_fallback(height, width, ratio)
+    return (height - h) // 2, (width - w) // 2, h, w
+
+
+def centre_fallback(height: int, width: int, ratio: Sequence[float]) -> tuple[int, int]:
+    """torchvision's (w, h) when no try fits: the whole image, cut to the nearest allowed
+    aspect ratio (centred by the caller)."""
     in_ratio = width / height
     if in_ratio < ratio[0]:
-        w, h = width, round(width / ratio[0])
-    elif in_ratio > ratio[1]:
-        w, h = round(height * ratio[1]), height
-    else:
-        w, h = width, height
-    return (height - h) // 2, (width - w) // 2, h, w
+        return width, int(round(width / ratio[0]))
+    if in_ratio > ratio[1]:
+        return int(round(height * ratio[1])), height
+    return width, height
 
 
 def _decode(im: Image.Image, smallest: float, size: int) -> tuple[Image.Image, float, float]:
