@@ -23,7 +23,7 @@ from .checkpoint import FORMAT_VERSION, atomic_save, load_checkpoint, rng_state,
 from .config import AugmentConfig, Config
 from .data import NORMALIZATION, DeviceLoader, load_splits
 from .data.crops import read_centre
-from .data.stream import BytesStream, CropStream, StreamLoader
+from .data.stream import BytesStream, CropStream, StreamLoader, eval_resize_for
 from .errors import CheckpointError, ConfigError, UserError
 from .evaluation.features import Labelled, labelled_features
 from .evaluation.knn import knn_evaluate
@@ -144,14 +144,19 @@ def _data_pipeline(cfg: Config, splits, device: torch.device, rank: int, world: 
     bank and test sets, for memory or streaming mode."""
     generator = torch.Generator().manual_seed(cfg.seed)
     if splits.mode == "memory":
-        # The whole uint8 set lives on the device; batches are index_select'ed there.
-        loader = DeviceLoader(splits.pretrain.images.to(device),
-                              splits.pretrain.labels.to(device), cfg.optim.batch_size,
-                              shuffle=True, drop_last=True, generator=generator,
-                              shard=(rank, world))
+        # The whole uint8 set lives on the device; batches are index_select'ed there. The
+        # kNN bank is usually the pretraining set itself: one device copy serves both.
+        on_device = {}
+
+        def moved(s):
+            if id(s) not in on_device:
+                on_device[id(s)] = (s.images.to(device), s.labels.to(device))
+            return on_device[id(s)]
+
+        loader = DeviceLoader(*moved(splits.pretrain), cfg.optim.batch_size, shuffle=True,
+                              drop_last=True, generator=generator, shard=(rank, world))
         views, eval_transform = build_augment(cfg, device)
-        labelled = [(s.images.to(device), s.labels.to(device)) for s in (splits.bank, splits.test)]
-        return loader, views, eval_transform, labelled
+        return loader, views, eval_transform, [moved(splits.bank), moved(splits.test)]
     if cfg.data.decode == "gpu" and device.type != "cuda":
         raise ConfigError(f"data.decode=gpu needs a CUDA device, this run is on {device}; "
                           "use data.decode=cpu")
@@ -172,7 +177,7 @@ def _preview_images(cfg: Config, splits, device: torch.device) -> torch.Tensor:
     if splits.mode == "memory":
         return splits.pretrain.images[:16].to(device)
     index, size = splits.pretrain.index, cfg.augment.size
-    resize = cfg.data.eval_resize or round(size / 0.875)
+    resize = eval_resize_for(size, cfg.data.eval_resize)
     pixels = [torch.from_numpy(read_centre(index.path(i), size, resize)).permute(2, 0, 1)
               for i in range(min(16, len(index)))]
     return torch.stack(pixels).to(device)

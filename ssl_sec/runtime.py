@@ -18,6 +18,7 @@ Losses are computed in float32 inside every autocast region (`ssl_sec.losses`).
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 
 import torch
@@ -50,8 +51,15 @@ def effective_precision(device: torch.device, precision: str) -> str:
     if precision == "auto":
         if device.type != "cuda":
             return "fp32"
-        return "bf16" if torch.cuda.is_bf16_supported(including_emulation=False) else "fp16"
+        return "bf16" if _cuda_has_bf16(device.index) else "fp16"
     return precision
+
+
+@functools.cache
+def _cuda_has_bf16(index: int | None) -> bool:
+    # Asked once per device, not on every training step's autocast.
+    with torch.cuda.device(index if index is not None else torch.cuda.current_device()):
+        return torch.cuda.is_bf16_supported(including_emulation=False)
 
 
 def autocast_for(device: torch.device, precision: str):

@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import contextlib
 import math
+import sys
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -21,6 +22,23 @@ from PIL import Image, UnidentifiedImageError
 from ssl_sec.errors import DataError
 
 Box = tuple[int, int, int, int]  # top, left, height, width in full-resolution pixels
+
+# Appended to every bad-file error: the fix.
+BAD_HINT = "; remove or replace it, or set data.skip_bad_images=true to skip bad files"
+
+
+class BadFileLog:
+    """Reports each skipped bad file once per process (default: to stderr)."""
+
+    def __init__(self, log: Callable[[str], None] | None = None):
+        self.log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
+        self.seen: set[str] = set()
+
+    def bad(self, reasons: Iterable[str]) -> None:
+        for reason in reasons:
+            if reason not in self.seen:
+                self.seen.add(reason)
+                self.log(f"skipping bad image: {reason}")
 
 
 @contextlib.contextmanager
@@ -112,9 +130,8 @@ def read_centre(path: str | Path, size: int, resize: int) -> np.ndarray:
     (torchvision's Resize(resize) + CenterCrop(size)), uint8 (size, size, 3)."""
     with open_image(path) as im:
         width, height = im.size
-        rgb, sx, sy = _decode(im, min(width, height) * size / resize, size)
-        # the centre crop's box in full-resolution pixels, then in decoded pixels
-        side = min(width, height) * size / resize
+        side = min(width, height) * size / resize  # the centre box, full-resolution pixels
+        rgb, sx, sy = _decode(im, side, size)
         left, top = (width - side) / 2, (height - side) / 2
         return np.array(rgb.resize((size, size), Image.Resampling.BILINEAR,
                                      box=(left * sx, top * sy, (left + side) * sx,

@@ -12,7 +12,6 @@ full-resolution photos, are streamed instead (`data.mode: stream`, ssl_sec/data/
 from __future__ import annotations
 
 import os
-import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -21,7 +20,7 @@ import torch
 from PIL import Image
 
 from ssl_sec.data.cifar import ImageSet
-from ssl_sec.data.crops import open_image
+from ssl_sec.data.crops import BAD_HINT, BadFileLog, open_image
 from ssl_sec.errors import ConfigError, DataError
 
 __all__ = ["load_imagefolder", "list_images", "read_class_file", "IMG_EXTENSIONS"]
@@ -156,17 +155,14 @@ def load_imagefolder(
             out[i] = _decode(files[i], size)
         except DataError as err:
             if not skip_bad:
-                raise DataError(f"{err}; remove or replace it, or set data.skip_bad_images=true "
-                                "to leave bad files out") from None
+                raise DataError(f"{err}{BAD_HINT}") from None
             return str(err)
         return None
 
     # PIL releases the GIL while decoding and resizing, so threads scale on JPEG decode.
     with ThreadPoolExecutor(max_workers=num_threads) as pool:
         errors = list(pool.map(work, range(len(files))))
-    say = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
-    for err in filter(None, errors):
-        say(f"skipping bad image: {err}")
+    BadFileLog(log).bad(filter(None, errors))
     good = [i for i, err in enumerate(errors) if err is None]
     if not good:
         raise DataError(f"image folder {base} has no readable images")

@@ -12,14 +12,13 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import sys
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
-from ssl_sec.data.crops import probe
+from ssl_sec.data.crops import BAD_HINT, BadFileLog, probe
 from ssl_sec.data.imagefolder import list_images
 from ssl_sec.errors import DataError
 
@@ -142,11 +141,8 @@ def build_index(folder: str | os.PathLike[str], classes_file: str | os.PathLike[
     bad = [(str(p), e[6]) for p, e in zip(paths, entries, strict=True) if e[6]]
     if bad and not skip_bad:
         more = f" ({len(bad) - 1} more bad files)" if len(bad) > 1 else ""
-        raise DataError(f"{bad[0][1]}{more}; remove or replace it, or set "
-                        "data.skip_bad_images=true to leave bad files out")
-    say = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
-    for _, reason in bad:
-        say(f"skipping bad image: {reason}")
+        raise DataError(f"{bad[0][1]}{more}{BAD_HINT}")
+    BadFileLog(log).bad(reason for _, reason in bad)
     good = [i for i, e in enumerate(entries) if not e[6]]
     if not good:
         raise DataError(f"image folder {base} has no readable images")

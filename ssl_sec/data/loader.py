@@ -101,19 +101,31 @@ class DeviceLoader:
         return n // b if self.drop_last else (n + b - 1) // b
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        n = self.num_samples
         if self.shuffle:
             self.epoch_state = self.generator.get_state()
-            order = torch.randperm(n, generator=self.generator)
-        else:
-            order = torch.arange(n)
+        order = epoch_order(self.num_samples, self.generator, self.shuffle)
         order = order.to(self.images.device, non_blocking=True)
-        for i in range(len(self)):
-            idx = order[i * self.batch_size : (i + 1) * self.batch_size]
-            if self.world > 1:
-                share = len(idx) // self.world
-                idx = idx[self.rank * share : (self.rank + 1) * share]
+        for idx in rank_batches(order, self.batch_size, len(self), (self.rank, self.world)):
             yield self.images.index_select(0, idx), self.labels.index_select(0, idx)
+
+
+def epoch_order(n: int, generator: torch.Generator, shuffle: bool) -> torch.Tensor:
+    """An epoch's sample order: a permutation from `generator` (whose state a checkpoint
+    keeps), or 0..n-1."""
+    return torch.randperm(n, generator=generator) if shuffle else torch.arange(n)
+
+
+def rank_batches(order: torch.Tensor, batch_size: int, n_batches: int,
+                 shard: tuple[int, int]) -> Iterator[torch.Tensor]:
+    """This rank's contiguous share of each of the first `n_batches` global batches of
+    `order` (shard = (rank, world); ranks never overlap)."""
+    rank, world = shard
+    for i in range(n_batches):
+        idx = order[i * batch_size : (i + 1) * batch_size]
+        if world > 1:
+            share = len(idx) // world
+            idx = idx[rank * share : (rank + 1) * share]
+        yield idx
 
 
 def iterate_chunks(images: torch.Tensor, batch_size: int) -> Iterator[torch.Tensor]:

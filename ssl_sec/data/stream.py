@@ -14,7 +14,6 @@ Under torchrun every rank reads its own share of each global batch.
 from __future__ import annotations
 
 import os
-import sys
 import warnings
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -23,11 +22,10 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from ssl_sec.data.crops import crop_box, read_centre, read_crops
+from ssl_sec.data.crops import BAD_HINT, BadFileLog, crop_box, read_centre, read_crops
 from ssl_sec.data.index import FileIndex
+from ssl_sec.data.loader import epoch_order, rank_batches
 from ssl_sec.errors import DataError
-
-BAD_HINT = "; remove or replace it, or set data.skip_bad_images=true to skip bad files"
 
 
 def default_workers() -> int:
@@ -71,20 +69,6 @@ def _private_generator() -> torch.Generator:
     # loader, so a resumed run (no kNN loaders before its first epoch) would diverge. Our
     # workers never use that seed: every crop is seeded by (seed, epoch, index).
     return torch.Generator().manual_seed(0)
-
-
-class _Log:
-    """Reports each bad file once per process."""
-
-    def __init__(self, log: Callable[[str], None] | None):
-        self.log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
-        self.seen: set[str] = set()
-
-    def bad(self, reasons: Sequence[str]) -> None:
-        for reason in reasons:
-            if reason not in self.seen:
-                self.seen.add(reason)
-                self.log(f"skipping bad image: {reason}")
 
 
 # ----------------------------------------------------------------------------- training crops
@@ -252,13 +236,9 @@ class _EpochBatches(Sampler):
         return self.n // self.batch_size
 
     def __iter__(self) -> Iterator[list[tuple[int, int]]]:
-        order = torch.randperm(self.n, generator=self.generator) if self.shuffle \
-            else torch.arange(self.n)
-        share = self.batch_size // self.world
-        for b in range(len(self)):
-            idx = order[b * self.batch_size + self.rank * share:
-                        b * self.batch_size + (self.rank + 1) * share]
-            yield [(self.epoch, int(i)) for i in idx]
+        order = epoch_order(self.n, self.generator, self.shuffle)
+        for idx in rank_batches(order, self.batch_size, len(self), (self.rank, self.world)):
+            yield [(self.epoch, int(i)) for i in idx.tolist()]
 
 
 class StreamLoader:
@@ -278,7 +258,7 @@ class StreamLoader:
                             "processes")
         self.batches = _EpochBatches(len(dataset), batch_size, generator, shard, shuffle)
         self.device = device
-        self.log = _Log(log)
+        self.log = BadFileLog(log)
         self.dataset = dataset
         self.on_device = isinstance(dataset, BytesStream)
         self.loader = DataLoader(
@@ -365,7 +345,7 @@ def stream_batches(stream: StreamSet, size: int, resize: int | None, batch_size:
                         pin_memory=device.type == "cuda",
                         worker_init_fn=_one_thread if stream.workers else None,
                         generator=_private_generator())
-    report = _Log(log)
+    report = BadFileLog(log)
     for images, labels, errors in loader:
         if errors and not stream.skip_bad:
             raise DataError(errors[0] + BAD_HINT)
