@@ -1,4 +1,5 @@
-"""Atomic checkpoints that hold every piece of training state, loaded with weights_only=True."""
+"""Checkpoints: atomic, rotated (`last.pt` and `prev.pt`), loaded with weights_only=True and
+checked key by key before anything reads them."""
 
 from __future__ import annotations
 
@@ -12,32 +13,100 @@ import torch
 
 from .errors import CheckpointError
 
-FORMAT_VERSION = 1
+# 2: the loader position (`batch_in_epoch`, mid-epoch checkpoints) and `world_size`.
+# Version 1 files (epoch-end checkpoints only) read as version 2 with batch 0.
+FORMAT_VERSION = 2
+
+# What a training checkpoint holds, and the type of each entry. Evaluation needs only the
+# first three; `--resume` needs all of them.
+_MODEL_KEYS = {"config": dict, "model": dict, "step": int}
+_TRAINING_KEYS = {"epoch": int, "optimizer": dict, "scaler": dict, "loader_rng": torch.Tensor,
+                  "rng": (dict, list)}
 
 
 def atomic_save(obj: Any, path: str | Path) -> None:
     """Write to a temp file in the same folder, fsync, then rename over `path`.
 
-    A crash mid-write leaves the previous checkpoint intact: rename is atomic on POSIX.
+    A crash mid-write leaves the previous file intact: rename is atomic on POSIX. A failed
+    write (disk full, quota) is a CheckpointError that names the file; the temp file goes.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    out = _WriteErrors(os.fdopen(fd, "wb"))
     try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
+        with out.file:
+            torch.save(obj, out)
+            out.file.flush()
+            os.fsync(out.file.fileno())
         os.replace(tmp, path)
-        dir_fd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
-    except BaseException:
+        _fsync_dir(path.parent)
+    except BaseException as err:
         if os.path.exists(tmp):
             os.unlink(tmp)
+        failed = out.error or (err if isinstance(err, OSError) else None)
+        if failed is not None:
+            raise CheckpointError(
+                f"could not write checkpoint '{path}' ({_first_line(failed)}); the previous "
+                "checkpoint is kept; free space (or fix the folder) and continue with "
+                "--resume") from None
         raise
+
+
+class _WriteErrors:
+    """A file wrapper that remembers the OSError of a failed write: torch.save reports a
+    full disk as an opaque RuntimeError of its zip writer."""
+
+    def __init__(self, file):
+        self.file, self.error = file, None
+
+    def write(self, data) -> int:
+        try:
+            return self.file.write(data)
+        except OSError as err:
+            self.error = err
+            raise
+
+    def flush(self) -> None:
+        self.file.flush()
+
+
+def save_rotated(state: dict, last: Path, prev: Path) -> None:
+    """Write `state` to `last`, keeping the checkpoint it replaces as `prev`.
+
+    At every instant `last` is a complete checkpoint (old or new) and `prev` the one
+    before it: the old `last` is hard-linked to `prev` (atomically, via a temp name)
+    before the new file is renamed over `last`.
+    """
+    if last.is_file():
+        link = prev.with_name(f".{prev.name}.link.tmp")
+        link.unlink(missing_ok=True)
+        try:
+            os.link(last, link)
+        except OSError:  # a file system without hard links: copy
+            import shutil
+
+            shutil.copy2(last, link)
+        os.replace(link, prev)
+    atomic_save(state, last)
+
+
+def stale_temp_files(folder: Path) -> list[Path]:
+    """Temp files of checkpoint writes a killed process never finished."""
+    return sorted(folder.glob(".*.pt.*.tmp")) + sorted(folder.glob(".*.pt.link.tmp"))
+
+
+def _fsync_dir(folder: Path) -> None:
+    dir_fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return (text.splitlines()[0] if text else type(err).__name__)[:160]
 
 
 def rng_state() -> dict:
@@ -47,11 +116,16 @@ def rng_state() -> dict:
     return state
 
 
-def set_rng_state(state: dict) -> None:
-    torch.set_rng_state(state["torch"])
-    random.setstate(_as_tuple(state["python"]))
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+def set_rng_state(state: dict, path: Path) -> None:
+    try:
+        torch.set_rng_state(state["torch"])
+        random.setstate(_as_tuple(state["python"]))
+        if "cuda" in state and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state["cuda"])
+    except (KeyError, TypeError, ValueError, RuntimeError) as err:
+        raise CheckpointError(f"checkpoint '{path}' holds a damaged RNG state "
+                              f"({_first_line(err)}); resume from another checkpoint "
+                              "(--resume-from)") from None
 
 
 def _as_tuple(obj: Any) -> Any:
@@ -61,8 +135,11 @@ def _as_tuple(obj: Any) -> Any:
     return obj
 
 
-def load_checkpoint(path: str | Path) -> dict:
-    """Load a checkpoint safely (weights_only=True: no arbitrary code from the file)."""
+def load_checkpoint(path: str | Path, training: bool = False) -> dict:
+    """Load a checkpoint safely (weights_only=True: no code runs from the file) and check
+    that it is ours and whole: the keys evaluation needs, and with `training=True` the keys
+    a resume needs, each of the right type. Anything else is a CheckpointError naming the
+    file (and `prev.pt` beside it, when there is one to fall back on)."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint '{path}' not found; pass the path of a .pt file "
@@ -70,10 +147,36 @@ def load_checkpoint(path: str | Path) -> dict:
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # noqa: BLE001 - any unpickling failure means a bad file
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise CheckpointError(f"checkpoint '{path}' cannot be read ({first[:160]}); "
-                              "it is corrupt or not an ssl_sec checkpoint") from None
-    if not isinstance(ckpt, dict) or ckpt.get("format") != "ssl_sec" or "model" not in ckpt:
+        raise CheckpointError(f"checkpoint '{path}' cannot be read ({_first_line(err)}); "
+                              f"it is corrupt, truncated or not an ssl_sec checkpoint"
+                              f"{_fallback(path)}") from None
+    if not isinstance(ckpt, dict) or ckpt.get("format") != "ssl_sec":
         raise CheckpointError(f"checkpoint '{path}' is not an ssl_sec checkpoint "
                               "(no 'format: ssl_sec' marker); pass one written by 'ssl-sec pretrain'")
+    version = ckpt.get("format_version", 1)
+    if not isinstance(version, int) or version > FORMAT_VERSION:
+        raise CheckpointError(f"checkpoint '{path}' has format_version {version!r}, newer than "
+                              f"this ssl_sec reads ({FORMAT_VERSION}); upgrade ssl_sec")
+    needed = {**_MODEL_KEYS, **(_TRAINING_KEYS if training else {})}
+    for key, kind in needed.items():
+        if key not in ckpt:
+            raise CheckpointError(f"checkpoint '{path}' lacks '{key}'; it is damaged or was "
+                                  f"not written by 'ssl-sec pretrain'{_fallback(path)}")
+        if not isinstance(ckpt[key], kind) or isinstance(ckpt[key], bool):
+            raise CheckpointError(f"checkpoint '{path}' has a {type(ckpt[key]).__name__} as "
+                                  f"'{key}'; it is damaged or was not written by "
+                                  f"'ssl-sec pretrain'{_fallback(path)}")
+    if not all(isinstance(v, torch.Tensor) for v in ckpt["model"].values()):
+        raise CheckpointError(f"checkpoint '{path}' has non-tensor weights under 'model'; it "
+                              f"is damaged{_fallback(path)}")
+    ckpt.setdefault("batch_in_epoch", 0)
     return ckpt
+
+
+def _fallback(path: Path) -> str:
+    """How to go on when `path` (a run's last.pt) is damaged and prev.pt is beside it."""
+    prev = path.with_name("prev.pt")
+    if path.name == "last.pt" and prev.is_file():
+        return (f"; the previous checkpoint '{prev}' exists: continue from it with "
+                f"'ssl-sec pretrain RECIPE --resume-from {prev}'")
+    return ""

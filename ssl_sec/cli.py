@@ -9,22 +9,34 @@ from pathlib import Path
 
 from .cpu_memory import keep_freed_memory
 from .errors import UserError
+from .preemption import PREEMPTED_EXIT, Preempted
 
 EPILOG = """examples:
   ssl-sec pretrain recipes/quickstart.yaml
   ssl-sec pretrain recipes/cifar10/simclr.yaml optim.lr=0.6 loss.sec_eta=0.1 name=sec01
   ssl-sec pretrain recipes/cifar10/simclr.yaml --resume
+  ssl-sec pretrain recipes/cifar10/simclr.yaml --auto-resume ckpt_every_minutes=5   # cluster jobs
+  ssl-sec pretrain recipes/cifar10/simclr.yaml --resume-from runs/cifar10_simclr/prev.pt
   ssl-sec knn --checkpoint runs/quickstart/last.pt eval.knn_k=20
   ssl-sec linear --checkpoint runs/quickstart/last.pt --recipe recipes/linear/cifar.yaml
   ssl-sec linear --checkpoint runs/quickstart/last.pt mode=features optim.epochs=30
   ssl-sec kshot --checkpoint runs/c100_src/last.pt --shots 1 5 --target-classes 50-99
   ssl-sec norms --checkpoint runs/quickstart/last.pt
   ssl-sec config recipes/cifar10/simclr_sec.yaml loss.sec_ramp=constant
-data: data.root in the recipe, else $SSL_SEC_DATA, else ./data (downloaded when missing)."""
+data: data.root in the recipe, else $SSL_SEC_DATA, else ./data (downloaded when missing).
+exit codes: 0 done; 2 a user error (one line on stderr); 75 stopped by SIGTERM, SIGUSR1 or
+SIGINT after writing a checkpoint (continue with --resume); 130 a second Ctrl-C."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """Command-line mistakes are one line too (argparse would add its usage block)."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="ssl-sec", description=__doc__, epilog=EPILOG,
+    p = _Parser(prog="ssl-sec", description=__doc__, epilog=EPILOG,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
@@ -32,8 +44,15 @@ def _parser() -> argparse.ArgumentParser:
     pre.add_argument("recipe", help="recipe YAML, e.g. recipes/cifar10/simclr.yaml")
     pre.add_argument("overrides", nargs="*", metavar="key=value",
                      help="dotted overrides, e.g. optim.lr=0.3 loss.sec_eta=0.1")
-    pre.add_argument("--resume", action="store_true",
-                     help="continue the run in out_dir/name from its last.pt")
+    start = pre.add_mutually_exclusive_group()
+    start.add_argument("--resume", action="store_true",
+                       help="continue the run in out_dir/name from its last.pt")
+    start.add_argument("--auto-resume", action="store_true",
+                       help="continue the run when it has a checkpoint, else start it "
+                            "(for job scripts that are requeued)")
+    start.add_argument("--resume-from", metavar="CKPT", default=None,
+                       help="continue the run in out_dir/name from this checkpoint, e.g. "
+                            "runs/NAME/prev.pt when last.pt is damaged")
     pre.add_argument("--max-epochs", type=int, default=None, metavar="N",
                      help="train at most N epochs in this invocation (split long runs)")
 
@@ -97,7 +116,8 @@ def main(argv: list[str] | None = None) -> int:
 
             if args.max_epochs is not None and args.max_epochs < 1:
                 raise UserError(f"--max-epochs {args.max_epochs}: must be >= 1")
-            result = train(load_recipe(args.recipe, args.overrides), resume=args.resume,
+            resume = (args.resume_from or ("auto" if args.auto_resume else args.resume))
+            result = train(load_recipe(args.recipe, args.overrides), resume=resume,
                            max_epochs=args.max_epochs)
             from .distributed import is_main
 
@@ -114,7 +134,11 @@ def main(argv: list[str] | None = None) -> int:
             print(json.dumps(linear_command(Path(args.checkpoint), args.recipe, args.overrides,
                                             cache=not args.no_cache)), flush=True)
         elif args.command == "kshot":
+            from .config import MAX_SEED
             from .evaluation.kshot import kshot_command
+
+            if not 0 <= args.seed <= MAX_SEED:
+                raise UserError(f"--seed {args.seed}: must be in [0, {MAX_SEED}]")
 
             print(json.dumps(kshot_command(Path(args.checkpoint), args.shots, args.replications,
                                            args.seed, args.target_classes, args.split,
@@ -129,13 +153,22 @@ def main(argv: list[str] | None = None) -> int:
 
             print(to_yaml(load_recipe(args.recipe, args.overrides)), end="")
     except UserError as err:
-        print(f"ssl-sec: error: {err}", file=sys.stderr)
+        print(f"ssl-sec: error: {_one_line(err)}", file=sys.stderr)
         return 2
+    except Preempted as stop:
+        print(f"ssl-sec: {stop}", file=sys.stderr)
+        return PREEMPTED_EXIT
     except KeyboardInterrupt:
-        print("ssl-sec: interrupted; the last completed epoch is in last.pt (use --resume)",
-              file=sys.stderr)
+        print("ssl-sec: interrupted; the run's last checkpoint is its last.pt (continue with "
+              "--resume)", file=sys.stderr)
         return 130
     return 0
+
+
+def _one_line(err: Exception) -> str:
+    """The message on one line, cut to a readable length."""
+    text = " ".join(str(err).split())
+    return text if len(text) <= 600 else text[:597] + "..."
 
 
 if __name__ == "__main__":

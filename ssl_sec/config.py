@@ -8,6 +8,10 @@ out-of-range values are errors (`ConfigError`), never silently ignored. Dotted o
 from __future__ import annotations
 
 import dataclasses
+import difflib
+import math
+import re
+import reprlib
 import types
 import typing
 from dataclasses import dataclass, field
@@ -167,6 +171,11 @@ class Config:
     log_every: int = 50
     # Keep a numbered checkpoint every this many epochs (0 = only last.pt).
     ckpt_every: int = 50
+    # last.pt is written at every epoch end and, within an epoch, every this many steps
+    # and/or minutes (0 = off), with the loader position: a kill loses at most one
+    # interval. The checkpoint it replaces is kept as prev.pt.
+    ckpt_every_steps: int = 0
+    ckpt_every_minutes: float = 10.0
     data: DataConfig = field(default_factory=DataConfig)
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     # The second view's augmentation when the views differ (BYOL's and solo-learn's
@@ -254,10 +263,27 @@ class LinearConfig:
 
 
 # ----------------------------------------------------------------------------- checks
+MAX_SEED = 2**32 - 1
+_SHOW = reprlib.Repr()
+_SHOW.maxlevel, _SHOW.maxlist, _SHOW.maxdict, _SHOW.maxstring, _SHOW.maxother = 2, 4, 4, 60, 60
+
+
+def show(value: Any) -> str:
+    """`repr(value)` cut to a readable length: an error message quotes what it was given,
+    and a YAML alias bomb must not become a gigabyte of text."""
+    text = _SHOW.repr(value)
+    return text if len(text) <= 120 else text[:117] + "..."
+
+
+def _plain_name(name: str) -> bool:
+    return (bool(name) and name not in (".", "..") and "/" not in name
+            and not any(ord(c) < 32 for c in name))
+
+
 def _check_ranges(cfg: Config) -> None:
     def need(ok: bool, key: str, value: Any, rule: str) -> None:
         if not ok:
-            raise ConfigError(f"{key}={value!r} is out of range: it must be {rule}")
+            raise ConfigError(f"{key}={show(value)} is out of range: it must be {rule}")
 
     def choice(key: str, value: Any, options: tuple) -> None:
         need(value in options, key, value, "one of " + ", ".join(map(str, options)))
@@ -269,9 +295,15 @@ def _check_ranges(cfg: Config) -> None:
     choice("method", cfg.method, METHODS)
     choice("device", cfg.device.split(":")[0], ("auto", "cpu", "cuda"))
     choice("precision", cfg.precision, PRECISIONS)
+    need(0 <= cfg.seed <= MAX_SEED, "seed", cfg.seed, f"in [0, {MAX_SEED}] (a 32-bit seed)")
     need(cfg.log_every >= 1, "log_every", cfg.log_every, ">= 1")
     need(cfg.ckpt_every >= 0, "ckpt_every", cfg.ckpt_every, ">= 0")
-    need(bool(cfg.name) and "/" not in cfg.name, "name", cfg.name, "a non-empty name without '/'")
+    need(cfg.ckpt_every_steps >= 0, "ckpt_every_steps", cfg.ckpt_every_steps, ">= 0 (0 = off)")
+    need(cfg.ckpt_every_minutes >= 0, "ckpt_every_minutes", cfg.ckpt_every_minutes,
+         ">= 0 (0 = off)")
+    need(_plain_name(cfg.name), "name", cfg.name,
+         "a folder name: not empty, '.' or '..', without '/' or control characters")
+    need(bool(cfg.out_dir) and "\0" not in cfg.out_dir, "out_dir", cfg.out_dir, "a folder path")
     d = cfg.data
     choice("data.dataset", d.dataset, DATASETS)
     need(d.train_subset >= 0, "data.train_subset", d.train_subset, ">= 0")
@@ -279,7 +311,8 @@ def _check_ranges(cfg: Config) -> None:
     need(d.image_size >= 8, "data.image_size", d.image_size, ">= 8")
     choice("data.mode", d.mode, ("auto", "memory", "stream"))
     need(d.memory_budget_gb > 0, "data.memory_budget_gb", d.memory_budget_gb, "> 0")
-    need(d.workers is None or d.workers >= 0, "data.workers", d.workers, ">= 0 (null: every core)")
+    need(d.workers is None or 0 <= d.workers <= 256, "data.workers", d.workers,
+         "in [0, 256] (null: every core)")
     choice("data.decode", d.decode, ("cpu", "gpu"))
     need(d.eval_resize is None or d.eval_resize >= cfg.augment.size, "data.eval_resize",
          d.eval_resize, f">= augment.size={cfg.augment.size} (null: augment.size / 0.875)")
@@ -375,10 +408,14 @@ def _type_ok(value: Any, hint: Any) -> Any:
     if hint is float:
         # bool is an int subclass in Python; `lr: true` is a mistake, not 1.0.
         if isinstance(value, (int, float)) and not isinstance(value, bool):
+            if not math.isfinite(value) or abs(value) > 1e300:
+                raise _NotFinite("a finite number")
             return float(value)
         raise TypeError
     if hint is int:
         if isinstance(value, int) and not isinstance(value, bool):
+            if abs(value) >= 2**63:
+                raise _NotFinite("an integer below 2**63")
             return value
         raise TypeError
     if hint in (str, bool):
@@ -386,6 +423,10 @@ def _type_ok(value: Any, hint: Any) -> Any:
             return value
         raise TypeError
     raise TypeError
+
+
+class _NotFinite(Exception):
+    """A number that is inf, nan, or beyond what torch and numpy take (|int| >= 2**63)."""
 
 
 def _section_type(hint: Any) -> type | None:
@@ -404,15 +445,17 @@ def _type_name(hint: Any) -> str:
 
 def _build(cls: type, values: dict, prefix: str) -> Any:
     if not isinstance(values, dict):
-        raise ConfigError(f"{prefix.rstrip('.') or 'recipe'} must be a mapping, got {values!r}")
+        raise ConfigError(f"{prefix.rstrip('.') or 'recipe'} must be a mapping, got {show(values)}")
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls)}
     kwargs = {}
     for key, value in values.items():
         if key not in fields:
-            close = [k for k in fields if k.startswith(str(key)[:3])]
+            close = difflib.get_close_matches(str(key), list(fields), n=3, cutoff=0.6) or \
+                [k for k in fields if k.startswith(str(key)[:3])]
             hint = f" (did you mean {', '.join(close)}?)" if close else ""
-            raise ConfigError(f"unknown key '{prefix}{key}'{hint}; valid keys: {', '.join(fields)}")
+            raise ConfigError(f"unknown key '{prefix}{show(key).strip(chr(39))}'{hint}; "
+                              f"valid keys: {', '.join(fields)}")
         hint = hints[key]
         section = _section_type(hint)
         if section is not None:
@@ -425,7 +468,9 @@ def _build(cls: type, values: dict, prefix: str) -> Any:
             kwargs[key] = _type_ok(value, hint)
         except TypeError:
             raise ConfigError(
-                f"'{prefix}{key}' must be {_type_name(hint)}, got {value!r}") from None
+                f"'{prefix}{key}' must be {_type_name(hint)}, got {show(value)}") from None
+        except _NotFinite as err:
+            raise ConfigError(f"'{prefix}{key}' must be {err}, got {show(value)}") from None
     return cls(**kwargs)
 
 
@@ -447,8 +492,8 @@ def parse_overrides(overrides: list[str]) -> dict:
         if not sep or not key:
             raise ConfigError(f"override '{item}' is not of the form key=value (e.g. optim.lr=0.3)")
         try:
-            value = yaml.safe_load(raw) if raw != "" else None
-        except yaml.YAMLError:
+            value = yaml_load(raw) if raw != "" else None
+        except (yaml.YAMLError, RecursionError):
             value = raw
         _set_dotted(tree, key.strip(), value)
     return tree
@@ -487,24 +532,72 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Config:
     return cfg
 
 
+class _RecipeLoader(yaml.SafeLoader):
+    """yaml.safe_load with two fixes for recipes: a key given twice in one mapping is an
+    error (YAML keeps the last one without a word, so a second `optim:` section would
+    silently replace the first), and `1e6` / `1e-3` are numbers (YAML 1.1 reads only
+    `1.0e+6` as one)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen: dict = {}
+        for key_node, _ in node.value:
+            if isinstance(key_node, yaml.ScalarNode) and key_node.tag != "tag:yaml.org,2002:merge":
+                if key_node.value in seen:
+                    raise _DuplicateKey(key_node.value, key_node.start_mark.line + 1,
+                                        seen[key_node.value])
+                seen[key_node.value] = key_node.start_mark.line + 1
+        return super().construct_mapping(node, deep)
+
+
+class _DuplicateKey(yaml.YAMLError):
+    def __init__(self, key: str, line: int, first: int):
+        super().__init__(key)
+        self.key, self.line, self.first = key, line, first
+
+
+_RecipeLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+    list("-+0123456789"))
+
+
+def yaml_load(text: str) -> Any:
+    """Parse recipe or override text (safe: plain data only, no Python objects)."""
+    return yaml.load(text, Loader=_RecipeLoader)  # noqa: S506 - a SafeLoader subclass
+
+
 def _read_yaml(path: Path, example: str) -> dict:
     if not path.is_file():
         raise ConfigError(f"recipe '{path}' not found; pass a YAML file such as {example}")
     try:
-        values = yaml.safe_load(path.read_text()) or {}
+        text = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"recipe '{path}' is not UTF-8 text (byte {err.start}); pass a "
+                          f"YAML file such as {example}") from None
+    except OSError as err:
+        raise ConfigError(f"recipe '{path}' cannot be read ({err.strerror})") from None
+    try:
+        values = yaml_load(text) or {}
+    except _DuplicateKey as err:
+        raise ConfigError(f"recipe '{path}' gives '{show(err.key).strip(chr(39))}' twice "
+                          f"(lines {err.first} and {err.line}); YAML would keep only the "
+                          "last: merge them into one") from None
     except yaml.YAMLError as err:
         line = getattr(getattr(err, "problem_mark", None), "line", None)
         where = f" at line {line + 1}" if line is not None else ""
         raise ConfigError(f"recipe '{path}' is not valid YAML{where}; fix the syntax") from None
+    except RecursionError:
+        raise ConfigError(f"recipe '{path}' is nested too deeply to be a recipe") from None
     if not isinstance(values, dict):
-        raise ConfigError(f"recipe '{path}' must be a YAML mapping of sections")
+        raise ConfigError(f"recipe '{path}' must be a YAML mapping of sections, got "
+                          f"{type(values).__name__}")
     return values
 
 
 # ----------------------------------------------------------------------------- linear recipes
 def _need(ok: bool, key: str, value: Any, rule: str) -> None:
     if not ok:
-        raise ConfigError(f"{key}={value!r} is out of range: it must be {rule}")
+        raise ConfigError(f"{key}={show(value)} is out of range: it must be {rule}")
 
 
 def _check_linear_ranges(cfg: LinearConfig) -> None:
@@ -514,6 +607,7 @@ def _check_linear_ranges(cfg: LinearConfig) -> None:
         need(value in options, key, value, "one of " + ", ".join(map(str, options)))
 
     choice("mode", cfg.mode, ("full", "features"))
+    need(0 <= cfg.seed <= MAX_SEED, "seed", cfg.seed, f"in [0, {MAX_SEED}] (a 32-bit seed)")
     choice("device", cfg.device.split(":")[0], ("auto", "cpu", "cuda"))
     choice("precision", cfg.precision, PRECISIONS)
     d = cfg.data

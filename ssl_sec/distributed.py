@@ -102,3 +102,23 @@ def gather_objects(obj):
     out = [None] * world_size()
     dist.all_gather_object(out, obj)
     return out
+
+
+def broadcast_object(obj):
+    """Rank 0's `obj` on every rank; `obj` itself at world size 1."""
+    if world_size() == 1:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+@torch.no_grad()
+def any_rank(flags: list[bool], device: torch.device) -> list[bool]:
+    """Each flag true on any rank (a MAX all-reduce); `flags` itself at world size 1.
+    The tensor lives on `device` because NCCL reduces only GPU tensors."""
+    if world_size() == 1:
+        return flags
+    t = torch.tensor([float(f) for f in flags], device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return [bool(v) for v in t.tolist()]

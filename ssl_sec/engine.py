@@ -7,10 +7,10 @@ SEC buffer), every log line and every checkpoint is called from `train` below.
 from __future__ import annotations
 
 import json
+import os
 import random
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -19,8 +19,15 @@ from torch.utils.tensorboard import SummaryWriter
 from . import config as config_mod
 from . import distributed as dist
 from .augment import EvalTransform, TwoViews, ViewAugment, preview_grid
-from .checkpoint import FORMAT_VERSION, atomic_save, load_checkpoint, rng_state, set_rng_state
-from .config import AugmentConfig, Config
+from .checkpoint import (
+    FORMAT_VERSION,
+    atomic_save,
+    load_checkpoint,
+    rng_state,
+    save_rotated,
+    set_rng_state,
+)
+from .config import AugmentConfig, Config, show
 from .data import NORMALIZATION, DeviceLoader, load_splits
 from .data.crops import read_centre
 from .data.stream import BytesStream, CropStream, StreamLoader, eval_resize_for
@@ -29,13 +36,19 @@ from .evaluation.features import Labelled, labelled_features
 from .evaluation.knn import knn_evaluate
 from .methods import METHODS
 from .optim import build_optimizer, lr_at, set_lr
+from .preemption import Preempted, StopRequests
+from .run_dir import RunDir, open_run, run_root
 from .runtime import autocast_for, backends, effective_precision, grad_scaler, resolve_device
 
 # Keys that may differ between a run and its resumption: where things are and how often
 # to log or evaluate. Everything else changes the optimisation and must match.
-RESUMABLE_CHANGES = ("device", "log_every", "ckpt_every", "data.root", "data.download",
+RESUMABLE_CHANGES = ("device", "out_dir", "name", "log_every", "ckpt_every",
+                     "ckpt_every_steps", "ckpt_every_minutes", "data.root", "data.download",
                      "data.workers", "data.memory_budget_gb", "eval.knn_every",
                      "eval.knn_backend", "eval.knn_memory_mb")
+# What the NaN message advises: they change the optimisation, so a resume that changes
+# them is allowed but says so.
+ADJUSTABLE_ON_RESUME = ("optim.lr", "optim.grad_clip")
 
 
 # ----------------------------------------------------------------------------- setup
@@ -67,37 +80,11 @@ def build_model(cfg: Config, device: torch.device) -> torch.nn.Module:
     return model
 
 
-@dataclass
-class RunPaths:
-    root: Path
-
-    @property
-    def last(self) -> Path:
-        return self.root / "last.pt"
-
-    @property
-    def metrics(self) -> Path:
-        return self.root / "metrics.jsonl"
-
-
-def prepare_run_dir(cfg: Config, resume: bool) -> RunPaths:
-    """Create the run directory; an existing one is never silently reused."""
-    paths = RunPaths(Path(cfg.out_dir) / cfg.name)
-    if resume:
-        if not paths.last.is_file():
-            raise CheckpointError(f"--resume: no checkpoint at '{paths.last}'; start the run "
-                                  "without --resume, or set out_dir/name to the run to continue")
-        return paths
-    if paths.root.exists() and any(paths.root.iterdir()):
-        raise UserError(f"run directory '{paths.root}' already exists; add --resume to continue "
-                        "it, or pass name=NEW_NAME (or out_dir=...) to start a new run")
-    paths.root.mkdir(parents=True, exist_ok=True)
-    return paths
-
-
-def check_resume_config(saved: dict, cfg: Config) -> None:
+def check_resume_config(saved: dict, cfg: Config) -> list[str]:
+    """Refuse a resume whose recipe changes the optimisation; return the changes of
+    ADJUSTABLE_ON_RESUME keys (allowed, and reported)."""
     now = config_mod.to_dict(cfg)
-    diffs = []
+    diffs, adjusted = [], []
 
     def walk(a: dict, b: dict, prefix: str) -> None:
         for key in sorted(set(a) | set(b)):
@@ -105,22 +92,71 @@ def check_resume_config(saved: dict, cfg: Config) -> None:
             va, vb = a.get(key), b.get(key)
             if isinstance(va, dict) and isinstance(vb, dict):
                 walk(va, vb, path + ".")
+            elif va != vb and path in ADJUSTABLE_ON_RESUME:
+                adjusted.append(f"{path}: {va!r} -> {vb!r}")
             elif va != vb and path not in RESUMABLE_CHANGES:
-                diffs.append(f"{path}: {va!r} -> {vb!r}")
+                diffs.append(f"{path}: {show(va)} -> {show(vb)}")
 
     walk(saved, now, "")
     if diffs:
         raise ConfigError("--resume with a recipe that differs from the run's config.yaml in "
                           + "; ".join(diffs) + "; resume with the same recipe and overrides")
+    return adjusted
+
+
+def _open_run(cfg: Config, resume: bool | str | Path | None) -> RunDir:
+    """Rank 0 creates, locks and inspects the run directory and says which checkpoint (if
+    any) the run continues from; every rank gets the same answer, or the same error."""
+    mode = "last" if resume is True else (resume or None)
+    run, error = None, None
+    if dist.is_main():
+        try:
+            run = open_run(cfg.out_dir, cfg.name, mode)
+        except UserError as err:
+            error = err
+    decided = dist.broadcast_object(
+        (None if run is None else run.resume_from, None if error is None else str(error)))
+    if error is not None:
+        raise error
+    if decided[1] is not None:
+        raise UserError(decided[1])
+    return run or RunDir(run_root(cfg.out_dir, cfg.name), resume_from=decided[0])
+
+
+def _read_resume(run: RunDir, cfg: Config, world: int) -> dict:
+    ckpt = load_checkpoint(run.resume_from, training=True)
+    if not isinstance(ckpt.get("config"), dict) or not ckpt["config"]:
+        raise CheckpointError(f"checkpoint '{run.resume_from}' has no usable config")
+    for change in check_resume_config(ckpt["config"], cfg):
+        say(f"note: resuming with a changed {change} (allowed for this key; the run is "
+            "no longer reproducible from its first recipe alone)")
+    saved_world = ckpt.get("world_size", len(ckpt["rng"]) if isinstance(ckpt["rng"], list) else 1)
+    if saved_world != world:
+        raise CheckpointError(
+            f"checkpoint '{run.resume_from}' was written by {saved_world} process(es), this "
+            f"run has {world}; resume with the same world size (torchrun --nnodes x "
+            f"--nproc_per_node = {saved_world}): each process's random state is restored")
+    return ckpt
 
 
 # ----------------------------------------------------------------------------- logging
 class Logger:
-    """TensorBoard + metrics.jsonl + console, from rank 0 only."""
+    """TensorBoard + metrics.jsonl + console, from rank 0 only.
 
-    def __init__(self, paths: RunPaths):
-        self.tb = SummaryWriter(log_dir=str(paths.root / "tb"))
-        self.jsonl = open(paths.metrics, "a")  # noqa: SIM115 - closed in close()
+    A resumed run replays the steps after its checkpoint: their rows from the interrupted
+    attempt are dropped (metrics.jsonl rewritten, TensorBoard's purge_step), so each step
+    is logged once."""
+
+    def __init__(self, run: RunDir, resumed_step: int | None = None):
+        if resumed_step is not None and run.metrics.is_file():
+            kept = [line for line in run.metrics.read_text().splitlines(keepends=True)
+                    if _row_step(line) <= resumed_step]
+            tmp = run.metrics.with_name(".metrics.jsonl.tmp")
+            tmp.write_text("".join(kept))
+            os.replace(tmp, run.metrics)
+        purge = None if resumed_step is None else resumed_step + 1
+        self.tb = SummaryWriter(log_dir=str(run.root / "tb"), purge_step=purge)
+        self.jsonl = open(run.metrics, "a")  # noqa: SIM115 - closed in close()
 
     def scalars(self, step: int, values: dict[str, float], kind: str) -> None:
         for key, value in values.items():
@@ -131,6 +167,13 @@ class Logger:
     def close(self) -> None:
         self.tb.close()
         self.jsonl.close()
+
+
+def _row_step(line: str) -> float:
+    try:
+        return json.loads(line)["step"]
+    except (ValueError, KeyError, TypeError):
+        return float("inf")  # a line cut by a kill: dropped
 
 
 def say(msg: str) -> None:
@@ -233,35 +276,41 @@ def optimize_step(model: torch.nn.Module, v1: torch.Tensor, v2: torch.Tensor,
 
 
 # ----------------------------------------------------------------------------- training
-def train(cfg: Config, resume: bool = False, progress_bar: bool | None = None,
+def train(cfg: Config, resume: bool | str | Path = False, progress_bar: bool | None = None,
           max_epochs: int | None = None) -> dict:
     """Pretrain as `cfg` says; returns the final kNN result and where the run lives.
 
-    `max_epochs` stops this invocation after that many epochs (last.pt is written every
-    epoch), so a long run can be split into time-limited jobs and continued with resume.
+    resume: False (a new run in out_dir/name), True (continue from its last.pt), "auto"
+    (continue when it has a checkpoint, else start: what a requeued cluster job wants) or
+    the path of a checkpoint to continue from (e.g. runs/NAME/prev.pt).
+    `max_epochs` stops this invocation after that many epochs, so a long run can be split
+    into time-limited jobs. SIGTERM, SIGUSR1 or SIGINT stop it after the current step with
+    a checkpoint and `Preempted` (ssl_sec/preemption.py).
     """
     device = dist.init(resolve_device(cfg.device))
-    with backends(device, cfg.deterministic):
-        return _train(cfg, device, resume, progress_bar, max_epochs)
-
-
-def _train(cfg: Config, device: torch.device, resume: bool, progress_bar: bool | None,
-           max_epochs: int | None) -> dict:
-    t_start = time.perf_counter()
-    # -- data -----------------------------------------------------------------------------
-    rank, world, main = dist.rank(), dist.world_size(), dist.is_main()
+    world = dist.world_size()
     if cfg.optim.batch_size % world:
         raise ConfigError(f"optim.batch_size={cfg.optim.batch_size} must be divisible by the "
                           f"{world} processes (it is the global batch)")
-    paths = prepare_run_dir(cfg, resume) if main else RunPaths(Path(cfg.out_dir) / cfg.name)
-    dist.barrier()
-    ckpt = None
-    if resume:
-        ckpt = load_checkpoint(paths.last)
-        check_resume_config(ckpt["config"], cfg)
+    with backends(device, cfg.deterministic):
+        run = _open_run(cfg, resume)
+        try:
+            return _train(cfg, device, run, progress_bar, max_epochs)
+        finally:
+            run.release()
+
+
+def _train(cfg: Config, device: torch.device, run: RunDir, progress_bar: bool | None,
+           max_epochs: int | None) -> dict:
+    t_start = time.perf_counter()
+    rank, world, main = dist.rank(), dist.world_size(), dist.is_main()
+    for note in run.notes:
+        say(note)
+    ckpt = _read_resume(run, cfg, world) if run.resume_from is not None else None
+    # -- data -----------------------------------------------------------------------------
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
-    splits = load_splits(cfg.data, cache_dir=paths.root, log=say)
+    splits = load_splits(cfg.data, cache_dir=run.root, log=say)
     if splits.note:
         say(splits.note)
     if cfg.optim.batch_size > len(splits.pretrain.labels):
@@ -284,25 +333,18 @@ def _train(cfg: Config, device: torch.device, resume: bool, progress_bar: bool |
     warmup_steps = round(cfg.optim.warmup_epochs * steps_per_epoch)
 
     # -- resume ------------------------------------------------------------------------------
-    start_epoch, step = 0, 0
+    step, skipped, result = 0, 0, {}  # skipped: fp16 steps skipped on overflow
     if ckpt is not None:
-        try:
-            core.load_state_dict(ckpt["model"])
-            optimizer.load_state_dict(ckpt["optimizer"])
-        except (RuntimeError, ValueError, KeyError) as err:
-            raise CheckpointError(f"checkpoint '{paths.last}' does not fit this model "
-                                  f"({str(err).splitlines()[0][:160]})") from None
-        scaler.load_state_dict(ckpt["scaler"])
-        loader.generator.set_state(ckpt["loader_rng"])
-        # One RNG state per rank (a run resumes with the world size it was saved with).
-        rng = ckpt["rng"]
-        set_rng_state(rng[rank] if isinstance(rng, list) else rng)
-        start_epoch, step = ckpt["epoch"], ckpt["step"]
-        say(f"resumed {paths.last} at epoch {start_epoch}, step {step}")
-    elif main:
-        (paths.root / "config.yaml").write_text(config_mod.to_yaml(cfg))
+        step = _restore(ckpt, run.resume_from, core, optimizer, scaler, loader, rank,
+                        steps_per_epoch, total_steps)
+        skipped, result = ckpt.get("skipped_steps", 0), ckpt.get("knn", {})
+        say(f"resumed {run.resume_from} at epoch {step // steps_per_epoch}, step {step}"
+            + (f" (batch {step % steps_per_epoch} of {steps_per_epoch})"
+               if step % steps_per_epoch else ""))
+    if main:
+        (run.root / "config.yaml").write_text(config_mod.to_yaml(cfg))
     say("config:\n" + config_mod.to_yaml(cfg).rstrip())
-    say(f"run directory: {paths.root}  (TensorBoard: tensorboard --logdir {paths.root / 'tb'})")
+    say(f"run directory: {run.root}  (TensorBoard: tensorboard --logdir {run.root / 'tb'})")
     say(f"device {device} x {world} process(es), {len(splits.pretrain.labels)} pretraining / "
         f"{len(splits.bank.labels)} kNN-bank / {len(splits.test.labels)} test images, "
         f"{steps_per_epoch} steps/epoch, "
@@ -315,7 +357,7 @@ def _train(cfg: Config, device: torch.device, resume: bool, progress_bar: bool |
         + ("  (fp16 on the CPU is emulated and slow: use bf16 or fp32 there)"
            if precision == "fp16" and device.type == "cpu" else ""))
 
-    log = Logger(paths) if main else None
+    log = Logger(run, step if ckpt is not None else None) if main else None
     if ckpt is None and main:
         # Augmentation previews use their own generator state: they must not shift the
         # training RNG stream (a resumed run has to replay the same draws).
@@ -326,115 +368,206 @@ def _train(cfg: Config, device: torch.device, resume: bool, progress_bar: bool |
             log.tb.add_image("augment/view1", preview_grid(view1, *stats), 0)
             log.tb.add_image("augment/view2", preview_grid(view2, *stats), 0)
     show_bar = sys.stderr.isatty() if progress_bar is None else progress_bar
-    result: dict = {}
     nonfinite = torch.zeros((), dtype=torch.bool, device=device)
-    skipped = 0  # fp16 steps skipped on overflow
     first_step = True
+    saver = Checkpoints(run, cfg, core, optimizer, scaler, loader, steps_per_epoch, device)
 
     # -- loop --------------------------------------------------------------------------------
     model.train()
+    start_epoch = step // steps_per_epoch
     end_epoch = cfg.optim.epochs if max_epochs is None else min(cfg.optim.epochs,
                                                                  start_epoch + max_epochs)
-    for epoch in range(start_epoch, end_epoch):
-        loader.set_epoch(epoch)
-        timer = EpochTimer(device)
-        t_log, n_log = timer.start, 0
-        bar = _bar(steps_per_epoch, epoch, cfg.optim.epochs, show_bar)
-        lines = None if bar is not None else ProgressLines(epoch, cfg.optim.epochs, steps_per_epoch)
-        for i, (*images, _) in enumerate(loader):
-            lr = lr_at(step, total_steps, warmup_steps, cfg.optim.lr, cfg.optim.min_lr_ratio)
-            set_lr(optimizer, lr)
-            progress = step / max(total_steps - 1, 1)
-            v1, v2 = make_views(views, *images)
-            log_now = (step + 1) % cfg.log_every == 0 or (step + 1) % steps_per_epoch == 0
-            if first_step and log is not None:
-                # The first batch is here and the model built: the start-up a user waits
-                # through (index, workers, decoding in memory mode), in wall-clock time.
-                log.scalars(step + 1, {"perf/first_step_unix_time": time.time(),
-                                       "perf/seconds_to_first_step": time.perf_counter() - t_start},
-                            "start")
-                first_step = False
-            terms, stepped = optimize_step(model, v1, v2, optimizer, scaler, cfg, progress,
-                                           log_now)
-            # Finite-loss guard without a host sync per step: remember, check at log time.
-            nonfinite |= ~torch.isfinite(terms.losses["total"])
-            step += 1
-            n_log += images[0].shape[0]
-            if not stepped:
-                skipped += 1
-                if skipped <= 20 or skipped % 100 == 0:
-                    say(f"step {step}: fp16 gradients overflowed, optimizer step skipped "
-                        f"(loss scale now {scaler.get_scale():g}; {skipped} skipped so far)")
-            if bar is not None:
-                bar.update(1)
-            if log_now:
-                _check_finite(nonfinite, step, paths)
-                now = time.perf_counter()
-                values = _step_scalars(terms, lr, world * n_log / max(now - t_log, 1e-9))
-                if scaler.is_enabled():
-                    values["perf/loss_scale"] = scaler.get_scale()
-                    values["perf/skipped_steps"] = skipped
-                t_log, n_log = now, 0
-                if log is not None:
-                    log.scalars(step, values, "train")
+    with StopRequests() as stops:
+        for epoch in range(start_epoch, end_epoch):
+            first = step - epoch * steps_per_epoch  # batches a mid-epoch checkpoint had done
+            loader.set_epoch(epoch, start=first)
+            timer = EpochTimer(device)
+            t_log, n_log = timer.start, 0
+            bar = _bar(steps_per_epoch, epoch, cfg.optim.epochs, show_bar, first)
+            lines = None if bar is not None else ProgressLines(epoch, cfg.optim.epochs,
+                                                               steps_per_epoch, first)
+            for i, (*images, _) in enumerate(loader, start=first):
+                lr = lr_at(step, total_steps, warmup_steps, cfg.optim.lr, cfg.optim.min_lr_ratio)
+                set_lr(optimizer, lr)
+                progress = step / max(total_steps - 1, 1)
+                v1, v2 = make_views(views, *images)
+                log_now = (step + 1) % cfg.log_every == 0 or (step + 1) % steps_per_epoch == 0
+                if first_step and log is not None:
+                    # The first batch is here and the model built: the start-up a user waits
+                    # through (index, workers, decoding in memory mode), in wall-clock time.
+                    log.scalars(step + 1, {"perf/first_step_unix_time": time.time(),
+                                           "perf/seconds_to_first_step":
+                                           time.perf_counter() - t_start}, "start")
+                    first_step = False
+                terms, stepped = optimize_step(model, v1, v2, optimizer, scaler, cfg, progress,
+                                               log_now)
+                # Finite-loss guard without a host sync per step: remember, check at log time.
+                nonfinite |= ~torch.isfinite(terms.losses["total"])
+                step += 1
+                n_log += images[0].shape[0]
+                if not stepped:
+                    skipped += 1
+                    if skipped <= 20 or skipped % 100 == 0:
+                        say(f"step {step}: fp16 gradients overflowed, optimizer step skipped "
+                            f"(loss scale now {scaler.get_scale():g}; {skipped} skipped so far)")
                 if bar is not None:
-                    bar.set_postfix(loss=f"{values['loss/total']:.3f}",
-                                    img_s=f"{values['perf/images_per_s']:.0f}")
-                if lines is not None and main:
-                    lines.maybe_print(i + 1, step, values, now - timer.start,
-                                      cfg.optim.epochs - epoch - 1)
-        if bar is not None:
-            bar.close()
-        epoch_s = timer.seconds()
-        if terms.norms is not None and log is not None:
-            log.tb.add_histogram("norm/hist", terms.norms.float().cpu(), step)
-        epoch_done = epoch + 1
-        eta_s = epoch_s * (cfg.optim.epochs - epoch_done)
-        line = (f"epoch {epoch_done}/{cfg.optim.epochs}  loss {values['loss/total']:.4f}  "
-                f"{epoch_s:.1f} s  {steps_per_epoch * cfg.optim.batch_size / epoch_s:.0f} img/s"
-                f"  ETA {eta_s / 60:.1f} min")
-        rng_states = dist.gather_objects(rng_state())
-        if not main:
-            dist.barrier()  # rank 0 evaluates and checkpoints
-            continue
-        log.scalars(step, {"perf/epoch_seconds": epoch_s,
-                           "perf/epoch_wall_seconds": time.perf_counter() - timer.start},
-                    "epoch")
-        last = epoch_done == cfg.optim.epochs
-        every = cfg.eval.knn_every
-        if last or (every and epoch_done % every == 0):
-            t0 = time.perf_counter()
-            acc = knn_monitor(core.backbone, bank, test, eval_transform, cfg, device)
-            knn_s = time.perf_counter() - t0
-            log.scalars(step, {"knn/top1": acc["top1"], "knn/top5": acc["top5"],
-                               "perf/knn_seconds": knn_s}, "knn")
-            line += f"  kNN top-1 {acc['top1']:.2f}  top-5 {acc['top5']:.2f} ({knn_s:.1f} s)"
-            result = {"epoch": epoch_done, "step": step, **acc}
-        say(line)
-        # -- checkpoint (after the kNN pass, which uses no randomness) ------------------------
-        state = {
-            "format": "ssl_sec", "format_version": FORMAT_VERSION,
-            "config": config_mod.to_dict(cfg), "epoch": epoch_done, "step": step,
-            "model": core.state_dict(), "optimizer": optimizer.state_dict(),
-            "scaler": scaler.state_dict(), "loader_rng": loader.generator.get_state(),
-            "rng": rng_states, "knn": result,
-        }
-        atomic_save(state, paths.last)
-        if cfg.ckpt_every and epoch_done % cfg.ckpt_every == 0:
-            atomic_save(state, paths.root / f"epoch{epoch_done:04d}.pt")
-        dist.barrier()
+                    bar.update(1)
+                if log_now:
+                    _check_finite(nonfinite, step, run)
+                    now = time.perf_counter()
+                    values = _step_scalars(terms, lr, world * n_log / max(now - t_log, 1e-9))
+                    if scaler.is_enabled():
+                        values["perf/loss_scale"] = scaler.get_scale()
+                        values["perf/skipped_steps"] = skipped
+                    t_log, n_log = now, 0
+                    if log is not None:
+                        log.scalars(step, values, "train")
+                    if bar is not None:
+                        bar.set_postfix(loss=f"{values['loss/total']:.3f}",
+                                        img_s=f"{values['perf/images_per_s']:.0f}")
+                    if lines is not None and main:
+                        lines.maybe_print(i + 1, step, values, now - timer.start,
+                                          cfg.optim.epochs - epoch - 1)
+                if i + 1 < steps_per_epoch:
+                    save, stop = saver.due(step, stops.signal_name)
+                    if save or stop:
+                        _check_finite(nonfinite, step, run)
+                        saver.save(step, result, skipped)
+                    if stop:
+                        raise Preempted(saver.stopped_message(stop, step))
+            if bar is not None:
+                bar.close()
+            epoch_s = timer.seconds()
+            if terms.norms is not None and log is not None:
+                log.tb.add_histogram("norm/hist", terms.norms.float().cpu(), step)
+            epoch_done = epoch + 1
+            eta_s = epoch_s * (cfg.optim.epochs - epoch_done)
+            line = (f"epoch {epoch_done}/{cfg.optim.epochs}  loss {values['loss/total']:.4f}  "
+                    f"{epoch_s:.1f} s  "
+                    f"{(steps_per_epoch - first) * cfg.optim.batch_size / epoch_s:.0f} img/s"
+                    f"  ETA {eta_s / 60:.1f} min")
+            _, stop = saver.due(step, stops.signal_name, epoch_end=True)
+            last = epoch_done == cfg.optim.epochs
+            every = cfg.eval.knn_every
+            if main:
+                log.scalars(step, {"perf/epoch_seconds": epoch_s,
+                                   "perf/epoch_wall_seconds": time.perf_counter() - timer.start},
+                            "epoch")
+            if main and not stop and (last or (every and epoch_done % every == 0)):
+                # (Skipped when stopping: the grace period is for the checkpoint.)
+                t0 = time.perf_counter()
+                acc = knn_monitor(core.backbone, bank, test, eval_transform, cfg, device)
+                knn_s = time.perf_counter() - t0
+                log.scalars(step, {"knn/top1": acc["top1"], "knn/top5": acc["top5"],
+                                   "perf/knn_seconds": knn_s}, "knn")
+                line += f"  kNN top-1 {acc['top1']:.2f}  top-5 {acc['top5']:.2f} ({knn_s:.1f} s)"
+                result = {"epoch": epoch_done, "step": step, **acc}
+            say(line)
+            # -- checkpoint (after the kNN pass, which uses no randomness) --------------------
+            _check_finite(nonfinite, step, run)
+            saver.save(step, result, skipped,
+                       snapshot=bool(cfg.ckpt_every and epoch_done % cfg.ckpt_every == 0))
+            if stop:
+                raise Preempted(saver.stopped_message(stop, step))
     if log is not None:
         log.close()
     if ckpt is not None and start_epoch >= cfg.optim.epochs:
-        result = ckpt.get("knn", {})
         say(f"run already finished at epoch {start_epoch}; nothing to do")
     elif end_epoch < cfg.optim.epochs:
         say(f"stopped after epoch {end_epoch} of {cfg.optim.epochs} as asked; continue with --resume")
-    summary = {"run_dir": str(paths.root), "checkpoint": str(paths.last),
-               "knn_k": cfg.eval.knn_k, "knn_temperature": cfg.eval.knn_temperature, **result}
+    summary = {"run_dir": str(run.root), "checkpoint": str(run.last),
+               "knn_k": result.get("k", cfg.eval.knn_k),
+               "knn_temperature": cfg.eval.knn_temperature, **result}
     if main:
-        (paths.root / "result.json").write_text(json.dumps(summary, indent=2) + "\n")
+        (run.root / "result.json").write_text(json.dumps(summary, indent=2) + "\n")
     return summary
+
+
+def _restore(ckpt: dict, path: Path, core: torch.nn.Module, optimizer, scaler, loader,
+             rank: int, steps_per_epoch: int, total_steps: int) -> int:
+    """Put the training state of `ckpt` back; returns its step."""
+    step, batch = ckpt["step"], ckpt["batch_in_epoch"]
+    if not 0 <= step <= total_steps or batch != step % steps_per_epoch:
+        raise CheckpointError(f"checkpoint '{path}' is at step {step} (batch {batch} of its "
+                              f"epoch), which does not fit this run's {steps_per_epoch} steps "
+                              "per epoch; resume with the data it was trained on")
+    try:
+        core.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        scaler.load_state_dict(ckpt["scaler"])
+    except (RuntimeError, ValueError, KeyError, TypeError) as err:
+        raise CheckpointError(f"checkpoint '{path}' does not fit this model "
+                              f"({str(err).splitlines()[0][:160]})") from None
+    try:
+        # A mid-epoch checkpoint holds the state that drew its epoch's order.
+        loader.generator.set_state(ckpt["loader_rng"])
+    except (RuntimeError, TypeError, ValueError) as err:
+        raise CheckpointError(f"checkpoint '{path}' holds a damaged data-order state "
+                              f"({str(err).splitlines()[0][:120]}); resume from another "
+                              "checkpoint (--resume-from)") from None
+    # One RNG state per rank (a run resumes with the world size it was saved with).
+    rng = ckpt["rng"]
+    set_rng_state(rng[rank] if isinstance(rng, list) else rng, path)
+    return step
+
+
+class Checkpoints:
+    """When and what to write. last.pt at every epoch end and, within an epoch, every
+    `ckpt_every_steps` steps and every `ckpt_every_minutes` minutes, and when a stop signal
+    came; the checkpoint it replaces stays as prev.pt; epochNNNN.pt every `ckpt_every`
+    epochs. With several processes the time and signal decisions are agreed (a MAX
+    all-reduce) every AGREE_EVERY steps, so all ranks checkpoint and stop at the same step
+    without a host sync on every step."""
+
+    AGREE_EVERY = 10
+
+    def __init__(self, run: RunDir, cfg: Config, core, optimizer, scaler, loader,
+                 steps_per_epoch: int, device: torch.device):
+        self.run, self.cfg, self.core, self.optimizer = run, cfg, core, optimizer
+        self.scaler, self.loader, self.steps_per_epoch = scaler, loader, steps_per_epoch
+        self.device, self.last_write = device, time.monotonic()
+
+    def due(self, step: int, signal_name: str | None, epoch_end: bool = False
+            ) -> tuple[bool, str | None]:
+        """(write last.pt now, the stop signal's name or None) after `step` steps."""
+        every_s = self.cfg.ckpt_every_minutes * 60
+        timed = bool(every_s) and time.monotonic() - self.last_write >= every_s
+        stop = signal_name is not None
+        if dist.world_size() > 1:
+            if not epoch_end and step % self.AGREE_EVERY:
+                timed = stop = False
+            else:
+                timed, stop = dist.any_rank([timed, stop], self.device)
+                signal_name = signal_name or "a stop signal (on another rank)"
+        by_steps = bool(self.cfg.ckpt_every_steps) and step % self.cfg.ckpt_every_steps == 0
+        return by_steps or timed, (signal_name if stop else None)
+
+    def save(self, step: int, result: dict, skipped: int, snapshot: bool = False) -> None:
+        rng_states = dist.gather_objects(rng_state())
+        if dist.is_main():
+            batch = step % self.steps_per_epoch
+            state = {
+                "format": "ssl_sec", "format_version": FORMAT_VERSION,
+                "config": config_mod.to_dict(self.cfg), "epoch": step // self.steps_per_epoch,
+                "batch_in_epoch": batch, "step": step, "world_size": len(rng_states),
+                "model": self.core.state_dict(), "optimizer": self.optimizer.state_dict(),
+                "scaler": self.scaler.state_dict(),
+                # Mid-epoch: the state that drew this epoch's order (replayed on resume, the
+                # done batches skipped); at an epoch end: the state that draws the next.
+                "loader_rng": self.loader.epoch_state if batch else self.loader.generator.get_state(),
+                "rng": rng_states, "knn": result, "skipped_steps": skipped,
+            }
+            save_rotated(state, self.run.last, self.run.prev)
+            if snapshot:
+                atomic_save(state, self.run.root / f"epoch{state['epoch']:04d}.pt")
+        self.last_write = time.monotonic()
+        dist.barrier()
+
+    def stopped_message(self, signal_name: str, step: int) -> str:
+        epoch, batch = divmod(step, self.steps_per_epoch)
+        where = f"epoch {epoch}" + (f", batch {batch} of {self.steps_per_epoch}" if batch else "")
+        return (f"stopped by {signal_name} at step {step} ({where}); checkpoint written to "
+                f"'{self.run.last}'; continue with the same command and --resume")
 
 
 def _wrap_distributed(model: torch.nn.Module, cfg: Config, device: torch.device):
@@ -452,12 +585,19 @@ def _wrap_distributed(model: torch.nn.Module, cfg: Config, device: torch.device)
                                                      broadcast_buffers=False)
 
 
-def _check_finite(flag: torch.Tensor, step: int, paths: RunPaths) -> None:
-    # Every rank must take the same decision, or the others would hang in a collective.
-    if bool(dist.all_reduce_mean(flag.float()) > 0):
+def _check_finite(flag: torch.Tensor, step: int, run: RunDir) -> None:
+    """Stop (exit 2) when a loss since the last check was NaN/inf, before that state could
+    reach a checkpoint. Every rank takes the same decision, or the others would hang."""
+    if not bool(dist.all_reduce_mean(flag.float()) > 0):
+        return
+    fix = "a lower optim.lr or optim.grad_clip=3.0"
+    if run.last.is_file():
         raise UserError(f"the loss became NaN/inf at or before step {step}; the last good "
-                        f"checkpoint is kept at '{paths.last}'; lower optim.lr or set "
-                        "optim.grad_clip (e.g. 3.0)")
+                        f"checkpoint '{run.last}' is untouched: continue from it with --resume "
+                        f"and {fix} (both may change on resume)")
+    raise UserError(f"the loss became NaN/inf at or before step {step}, before the first "
+                    f"checkpoint; start the run again with {fix} (the run directory is "
+                    "reused, its logs kept under attempts/)")
 
 
 def _step_scalars(terms, lr: float, images_per_s: float) -> dict[str, float]:
@@ -496,8 +636,10 @@ class ProgressLines:
     print step, loss, images/s and ETAs when at least `every_s` seconds passed since the last
     line, i.e. every `log_every` steps or every ~30 s, whichever comes later."""
 
-    def __init__(self, epoch: int, epochs: int, steps_per_epoch: int, every_s: float = 30.0):
+    def __init__(self, epoch: int, epochs: int, steps_per_epoch: int, first: int = 0,
+                 every_s: float = 30.0):
         self.epoch, self.epochs, self.steps = epoch, epochs, steps_per_epoch
+        self.first = first  # batches of this epoch done before a resume
         self.every_s = every_s
         self.last = time.perf_counter()
 
@@ -507,7 +649,7 @@ class ProgressLines:
         if now - self.last < self.every_s or done >= self.steps:
             return  # the epoch line follows at the epoch's last step
         self.last = now
-        per_step = elapsed / done
+        per_step = elapsed / max(done - self.first, 1)
         epoch_left = per_step * (self.steps - done)
         run_left = epoch_left + per_step * self.steps * epochs_after
         say(f"  epoch {self.epoch + 1}/{self.epochs}  step {done}/{self.steps} "
@@ -516,10 +658,10 @@ class ProgressLines:
             f"run {run_left / 60:.1f} min")
 
 
-def _bar(total: int, epoch: int, epochs: int, show: bool):
+def _bar(total: int, epoch: int, epochs: int, show: bool, done: int = 0):
     if not show:
         return None
     from tqdm import tqdm
 
-    return tqdm(total=total, desc=f"epoch {epoch + 1}/{epochs}", unit="step", leave=False,
-                dynamic_ncols=True)
+    return tqdm(total=total, initial=done, desc=f"epoch {epoch + 1}/{epochs}", unit="step",
+                leave=False, dynamic_ncols=True)

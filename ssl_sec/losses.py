@@ -363,7 +363,9 @@ class Objective(nn.Module):
     def __init__(self, cfg: LossConfig):
         super().__init__()
         self.cfg = cfg
-        self.register_buffer("sec_mu", torch.tensor(float("nan")))
+        # 0 = not started (a mean norm is > 0). Not NaN: two identical runs' checkpoints
+        # must compare equal tensor by tensor, and NaN != NaN.
+        self.register_buffer("sec_mu", torch.tensor(0.0))
 
     def _sec_mu(self, norms: torch.Tensor) -> torch.Tensor:
         # The global batch's mean norm: the same mu on every rank (equal local batches).
@@ -373,7 +375,9 @@ class Objective(nn.Module):
         if self.training:
             rho = self.cfg.sec_momentum
             # First step: start the running mean at the batch mean, not at 0.
-            new = torch.where(torch.isnan(self.sec_mu), batch_mu,
+            # (NaN: the "not started" of checkpoints written before 0 took its place.)
+            unset = (self.sec_mu == 0) | torch.isnan(self.sec_mu)
+            new = torch.where(unset, batch_mu,
                               (1 - rho) * self.sec_mu + rho * batch_mu)
             self.sec_mu.copy_(new)
         return self.sec_mu.clone()

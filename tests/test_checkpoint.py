@@ -11,7 +11,8 @@ from ssl_sec.errors import CheckpointError
 
 def test_atomic_save_keeps_old_file_when_writing_fails(tmp_path):
     path = tmp_path / "last.pt"
-    atomic_save({"format": "ssl_sec", "model": {"w": torch.ones(2)}}, path)
+    atomic_save({"format": "ssl_sec", "config": {"seed": 0}, "step": 0,
+                 "model": {"w": torch.ones(2)}}, path)
     good = path.read_bytes()
 
     class Boom:

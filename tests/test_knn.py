@@ -41,8 +41,9 @@ def _reference_loop(bank, bank_labels, queries, k, temperature, num_classes):
         order = sorted(range(len(bank)), key=lambda i: -sims[i])
         if k < len(bank):
             gaps[q] = sims[order[k - 1]] - sims[order[k]]
+        top = sims[order[0]]  # weights relative to the nearest neighbour's (no overflow)
         for i in order[:k]:
-            scores[q, bank_labels[i]] += math.exp(sims[i] / temperature)
+            scores[q, bank_labels[i]] += math.exp((sims[i] - top) / temperature)
     return scores, gaps
 
 
@@ -68,13 +69,28 @@ def test_matches_float64_loop_reference(backend):
     np.testing.assert_array_equal(ours.argmax(1)[distinct], ref.argmax(1)[distinct])
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_small_temperature_does_not_overflow(backend):
+    # exp(1 / 0.01) overflows float32: unshifted votes would all be inf and tie.
+    bank, queries = _features(400, 32, seed=30), _features(60, 32, seed=31)
+    bank_labels = _labels(400, 7, seed=32)
+    ours = knn_classify(bank, bank_labels, queries, k=50, temperature=0.01, backend=backend)
+    ref, gaps = _reference_loop(bank, bank_labels, queries, 50, 0.01, num_classes=7)
+    assert torch.isfinite(ours).all()
+    top2 = np.sort(ref, axis=1)[:, -2:]
+    distinct = (gaps > 1e-5) & ((top2[:, 1] - top2[:, 0]) > 1e-4 * top2[:, 1])
+    assert distinct.sum() >= 50
+    np.testing.assert_array_equal(ours.numpy().argmax(1)[distinct], ref.argmax(1)[distinct])
+
+
 def test_hand_computed_two_class_example():
     # Unit vectors in 2-D with exactly known cosines to the query (1, 0): 1, 0, -1, 0.6.
     bank = torch.tensor([[1.0, 0.0], [0.0, 1.0], [-1.0, 0.0], [0.6, 0.8]])
     bank_labels = torch.tensor([0, 1, 1, 0])
     query = torch.tensor([[1.0, 0.0]])
-    # k=3 keeps sims 1 (class 0), 0.6 (class 0), 0 (class 1); T=0.5 gives weights e^2, e^1.2, e^0.
-    expected = torch.tensor([[math.exp(2.0) + math.exp(1.2), 1.0]])
+    # k=3 keeps sims 1 (class 0), 0.6 (class 0), 0 (class 1); T=0.5 gives weights e^2, e^1.2,
+    # e^0, divided by the nearest neighbour's e^2.
+    expected = torch.tensor([[1.0 + math.exp(-0.8), math.exp(-2.0)]])
     for backend in BACKENDS:
         scores = knn_classify(bank, bank_labels, query, k=3, temperature=0.5, backend=backend)
         torch.testing.assert_close(scores, expected, rtol=1e-6, atol=0)
@@ -141,8 +157,9 @@ def test_k_larger_than_bank_is_clamped(backend):
     bank, queries = _features(30, 8, seed=18), _features(9, 8, seed=19)
     bank_labels = _labels(30, 3, seed=20)
     scores = knn_classify(bank, bank_labels, queries, k=200, temperature=0.2, backend=backend)
-    # With every bank vector a neighbour, score_c is the sum of exp(s / T) over class c.
-    weights = torch.exp(queries.double() @ bank.double().T / 0.2)
+    # With every bank vector a neighbour, score_c is the sum of exp((s - s_max) / T) over c.
+    sims = queries.double() @ bank.double().T
+    weights = torch.exp((sims - sims.max(dim=1, keepdim=True).values) / 0.2)
     expected = weights @ torch.nn.functional.one_hot(bank_labels, 3).double()
     torch.testing.assert_close(scores.double(), expected, rtol=1e-5, atol=0)
 

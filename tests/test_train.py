@@ -74,8 +74,8 @@ def test_run_directory_is_never_overwritten_and_resume_checks(tmp_path, data_roo
     with pytest.raises(UserError, match="already exists"):
         train(cfg, progress_bar=False)
     assert (tmp_path / "run" / "last.pt").read_bytes() == before
-    with pytest.raises(ConfigError, match="optim.lr"):
-        train(small_cfg(tmp_path, "optim.epochs=1", "optim.lr=0.2"), resume=True)
+    with pytest.raises(ConfigError, match="optim.momentum"):
+        train(small_cfg(tmp_path, "optim.epochs=1", "optim.momentum=0.8"), resume=True)
     with pytest.raises(CheckpointError, match="no checkpoint"):
         train(small_cfg(tmp_path, "name=nothing"), resume=True)
 

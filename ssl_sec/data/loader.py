@@ -34,7 +34,8 @@ class DeviceLoader:
     Iterating yields ``(images[idx], labels[idx])`` with ``idx`` a slice of the epoch's
     permutation: uint8 ``(B, 3, H, W)`` and int64 ``(B,)`` on the data's device.
     The generator state that produced the current epoch's permutation is kept in
-    ``epoch_state`` (save it and the batch index to resume mid-epoch).
+    ``epoch_state``: a mid-epoch checkpoint saves it and the batch index, and a resume
+    restores the generator to it and calls ``set_epoch(epoch, start=batch)``.
     """
 
     def __init__(
@@ -81,6 +82,7 @@ class DeviceLoader:
         self.drop_last = drop_last
         self.generator = generator
         self.epoch_state: torch.Tensor | None = None
+        self.start = 0
         # (rank, world): every rank draws the same permutation (same generator seed) and
         # takes its contiguous share of each global batch, so ranks never overlap.
         self.rank, self.world = shard
@@ -88,9 +90,11 @@ class DeviceLoader:
             raise ConfigError(f"DeviceLoader: batch_size={batch_size} is not divisible by the "
                               f"{self.world} processes")
 
-    def set_epoch(self, epoch: int) -> None:
-        """The permutation comes from the generator's state alone: nothing to do (the same
-        interface as the streaming loader's)."""
+    def set_epoch(self, epoch: int, start: int = 0) -> None:
+        """Before iterating an epoch. The permutation comes from the generator's state alone;
+        `start` > 0 skips the batches a mid-epoch checkpoint had done (the generator then
+        holds that epoch's `epoch_state`)."""
+        self.start = start
 
     @property
     def num_samples(self) -> int:
@@ -101,11 +105,12 @@ class DeviceLoader:
         return n // b if self.drop_last else (n + b - 1) // b
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        if self.shuffle:
-            self.epoch_state = self.generator.get_state()
+        self.epoch_state = self.generator.get_state()
         order = epoch_order(self.num_samples, self.generator, self.shuffle)
         order = order.to(self.images.device, non_blocking=True)
-        for idx in rank_batches(order, self.batch_size, len(self), (self.rank, self.world)):
+        start, self.start = self.start, 0  # a resumed epoch's first batch, this epoch only
+        for idx in rank_batches(order, self.batch_size, len(self), (self.rank, self.world),
+                                start):
             yield self.images.index_select(0, idx), self.labels.index_select(0, idx)
 
 
@@ -116,11 +121,11 @@ def epoch_order(n: int, generator: torch.Generator, shuffle: bool) -> torch.Tens
 
 
 def rank_batches(order: torch.Tensor, batch_size: int, n_batches: int,
-                 shard: tuple[int, int]) -> Iterator[torch.Tensor]:
-    """This rank's contiguous share of each of the first `n_batches` global batches of
-    `order` (shard = (rank, world); ranks never overlap)."""
+                 shard: tuple[int, int], start: int = 0) -> Iterator[torch.Tensor]:
+    """This rank's contiguous share of global batches `start .. n_batches - 1` of `order`
+    (shard = (rank, world); ranks never overlap)."""
     rank, world = shard
-    for i in range(n_batches):
+    for i in range(start, n_batches):
         idx = order[i * batch_size : (i + 1) * batch_size]
         if world > 1:
             share = len(idx) // world

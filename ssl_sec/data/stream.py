@@ -26,6 +26,7 @@ from ssl_sec.data.crops import BAD_HINT, BadFileLog, crop_box, read_centre, read
 from ssl_sec.data.index import FileIndex
 from ssl_sec.data.loader import epoch_order, rank_batches
 from ssl_sec.errors import DataError
+from ssl_sec.preemption import ignore_stop_signals
 
 
 def default_workers() -> int:
@@ -61,6 +62,7 @@ class StreamSet:
 def _one_thread(_: int) -> None:
     # Each worker decodes one image at a time; torch threads inside workers only contend.
     torch.set_num_threads(1)
+    ignore_stop_signals()
 
 
 def _private_generator() -> torch.Generator:
@@ -230,14 +232,18 @@ class _EpochBatches(Sampler):
                  shard: tuple[int, int], shuffle: bool):
         self.n, self.batch_size, self.generator = n, batch_size, generator
         self.rank, self.world = shard
-        self.shuffle, self.epoch = shuffle, 0
+        self.shuffle, self.epoch, self.start = shuffle, 0, 0
+        self.epoch_state: torch.Tensor | None = None
 
     def __len__(self) -> int:
         return self.n // self.batch_size
 
     def __iter__(self) -> Iterator[list[tuple[int, int]]]:
+        self.epoch_state = self.generator.get_state()
         order = epoch_order(self.n, self.generator, self.shuffle)
-        for idx in rank_batches(order, self.batch_size, len(self), (self.rank, self.world)):
+        start, self.start = self.start, 0  # a resumed epoch's first batch, this epoch only
+        for idx in rank_batches(order, self.batch_size, len(self), (self.rank, self.world),
+                                start):
             yield [(self.epoch, int(i)) for i in idx.tolist()]
 
 
@@ -272,8 +278,14 @@ class StreamLoader:
     def generator(self) -> torch.Generator:
         return self.batches.generator
 
-    def set_epoch(self, epoch: int) -> None:
-        self.batches.epoch = epoch
+    @property
+    def epoch_state(self) -> torch.Tensor | None:
+        return self.batches.epoch_state
+
+    def set_epoch(self, epoch: int, start: int = 0) -> None:
+        """Before iterating epoch `epoch`; `start` > 0 skips the batches a mid-epoch
+        checkpoint had done (the generator then holds that epoch's `epoch_state`)."""
+        self.batches.epoch, self.batches.start = epoch, start
 
     def __len__(self) -> int:
         return len(self.batches)

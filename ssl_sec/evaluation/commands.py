@@ -139,7 +139,7 @@ def knn_command(path: Path, overrides: list[str], cache: bool = True) -> dict:
                                                      cfg, split, device)
     e = cfg.eval
     acc = knn_evaluate(feats["train"], labels["train"], feats["test"], labels["test"], e)
-    result = {"top1": acc["top1"], "top5": acc["top5"], "k": e.knn_k,
+    result = {"top1": acc["top1"], "top5": acc["top5"], "k": acc["k"],
               "T": e.knn_temperature, "feature_layer": "backbone (pooled, L2-normalised)",
               "dataset": cfg.data.dataset, "data_mode": splits.mode,
               "n_train": len(labels["train"]),

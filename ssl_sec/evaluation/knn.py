@@ -25,6 +25,7 @@ and blows the budget on large banks.
 from __future__ import annotations
 
 import numbers
+import sys
 import warnings
 
 import numpy as np
@@ -65,8 +66,8 @@ def knn_classify(
         test_feats: query features, shape ``(Q, D)``, same device as the bank,
             L2-normalised rows.
         k: number of neighbours (>= 1); clamped to ``N`` when the bank is smaller.
-        temperature: ``T`` in ``exp(s / T)`` (> 0). With unit-norm features the largest
-            weight is ``exp(1 / T)``, which overflows float32 for ``T`` below about 0.0113.
+        temperature: ``T`` in ``exp(s / T)`` (> 0). Each query's weights are computed as
+            ``exp((s - s_max) / T)`` (the same ranking), so small ``T`` does not overflow.
         num_classes: ``C``; defaults to ``max(train_labels) + 1`` (a host sync on CUDA:
             pass it explicitly in a training-loop monitor).
         backend: ``"torch"``, ``"faiss"`` or ``"auto"`` (faiss for CPU tensors when faiss
@@ -118,7 +119,9 @@ def knn_classify(
 def vote_scores(
     sims: torch.Tensor, neighbour_labels: torch.Tensor, temperature: float, num_classes: int
 ) -> torch.Tensor:
-    """InstDisc vote: ``score[q, c] = sum_i exp(sims[q, i] / T) [neighbour_labels[q, i] == c]``.
+    """InstDisc vote: ``score[q, c] = sum_i exp((sims[q, i] - m_q) / T) [neighbour_labels[q, i]
+    == c]`` with ``m_q`` the query's largest similarity: ``exp(s / T)``'s votes times one
+    factor per query, so the same ranking, without overflow at small ``T``.
 
     Shared by both backends so that they differ only in how they find the neighbours.
 
@@ -131,7 +134,10 @@ def vote_scores(
     Returns:
         Scores, shape ``(q, C)``, float32.
     """
-    weights = torch.exp(sims.float() / temperature)
+    # exp((s - s_max) / T): each query's weights scaled by one factor, so its class ranking
+    # is exp(s / T)'s, without exp(1 / T) overflowing float32 for T below ~0.0113.
+    sims = sims.float()
+    weights = torch.exp((sims - sims.max(dim=1, keepdim=True).values) / temperature)
     scores = torch.zeros(sims.shape[0], num_classes, dtype=torch.float32, device=sims.device)
     # scatter_add instead of lightly's one-hot (q*k, C) product: same sums, no q*k*C buffer.
     # (On CUDA it adds with atomics, so the last bit can vary between runs.)
@@ -373,12 +379,18 @@ def knn_evaluate(train_feats: torch.Tensor, train_labels: torch.Tensor,
                  test_feats: torch.Tensor, test_labels: torch.Tensor,
                  eval_cfg: EvalConfig) -> dict[str, float]:
     """Top-1/top-5 of weighted kNN with the recipe's `eval.*` settings (k, T, backend,
-    memory budget): the one routine behind the training monitor and `ssl-sec knn`.
+    memory budget): the one routine behind the training monitor and `ssl-sec knn`. Also
+    returns the `k` really used: eval.knn_k, or the bank size when the bank is smaller
+    (said on stderr, as the result would otherwise claim a k it did not use).
 
     Shapes: train_feats (N, D), train_labels (N,), test_feats (Q, D), test_labels (Q,).
     """
     num_classes = int(max(train_labels.max(), test_labels.max())) + 1
-    scores = knn_classify(train_feats, train_labels, test_feats, k=eval_cfg.knn_k,
+    k = min(eval_cfg.knn_k, len(train_labels))
+    if k < eval_cfg.knn_k:
+        print(f"note: eval.knn_k={eval_cfg.knn_k} is larger than the {len(train_labels)}-image "
+              f"kNN bank; using k={k}", file=sys.stderr)
+    scores = knn_classify(train_feats, train_labels, test_feats, k=k,
                           temperature=eval_cfg.knn_temperature, num_classes=num_classes,
                           backend=eval_cfg.knn_backend, memory_mb=eval_cfg.knn_memory_mb)
-    return knn_accuracy(scores, test_labels)
+    return {**knn_accuracy(scores, test_labels), "k": k}
