@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import random
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -24,8 +25,9 @@ _TRAINING_KEYS = {"epoch": int, "optimizer": dict, "scaler": dict, "loader_rng":
                   "rng": (dict, list)}
 
 
-def atomic_save(obj: Any, path: str | Path) -> None:
-    """Write to a temp file in the same folder, fsync, then rename over `path`.
+def atomic_save(obj: Any, path: str | Path, before_replace=None) -> None:
+    """Write to a temp file in the same folder, fsync, then rename over `path`
+    (`before_replace()` runs just before the rename, once the new file is complete).
 
     A crash mid-write leaves the previous file intact: rename is atomic on POSIX. A failed
     write (disk full, quota) is a CheckpointError that names the file; the temp file goes.
@@ -39,6 +41,8 @@ def atomic_save(obj: Any, path: str | Path) -> None:
             torch.save(obj, out)
             out.file.flush()
             os.fsync(out.file.fileno())
+        if before_replace is not None:
+            before_replace()
         os.replace(tmp, path)
         _fsync_dir(path.parent)
     except BaseException as err:
@@ -75,20 +79,23 @@ def save_rotated(state: dict, last: Path, prev: Path) -> None:
     """Write `state` to `last`, keeping the checkpoint it replaces as `prev`.
 
     At every instant `last` is a complete checkpoint (old or new) and `prev` the one
-    before it: the old `last` is hard-linked to `prev` (atomically, via a temp name)
-    before the new file is renamed over `last`.
+    before it: once the new file is written in full, the old `last` is hard-linked to
+    `prev` (atomically, via a temp name), then the new file is renamed over `last`. A
+    write that fails (disk full) leaves both as they were.
     """
-    if last.is_file():
+
+    def keep_previous() -> None:
+        if not last.is_file():
+            return
         link = prev.with_name(f".{prev.name}.link.tmp")
         link.unlink(missing_ok=True)
         try:
             os.link(last, link)
         except OSError:  # a file system without hard links: copy
-            import shutil
-
             shutil.copy2(last, link)
         os.replace(link, prev)
-    atomic_save(state, last)
+
+    atomic_save(state, last, before_replace=keep_previous)
 
 
 def stale_temp_files(folder: Path) -> list[Path]:

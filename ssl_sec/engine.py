@@ -431,7 +431,7 @@ def _train(cfg: Config, device: torch.device, run: RunDir, progress_bar: bool | 
                 if i + 1 < steps_per_epoch:
                     save, stop = saver.due(step, stops.signal_name)
                     if save or stop:
-                        _check_finite(nonfinite, step, run)
+                        _check_finite(nonfinite | ~_weights_finite(core), step, run)
                         saver.save(step, result, skipped)
                     if stop:
                         raise Preempted(saver.stopped_message(stop, step))
@@ -464,7 +464,7 @@ def _train(cfg: Config, device: torch.device, run: RunDir, progress_bar: bool | 
                 result = {"epoch": epoch_done, "step": step, **acc}
             say(line)
             # -- checkpoint (after the kNN pass, which uses no randomness) --------------------
-            _check_finite(nonfinite, step, run)
+            _check_finite(nonfinite | ~_weights_finite(core), step, run)
             saver.save(step, result, skipped,
                        snapshot=bool(cfg.ckpt_every and epoch_done % cfg.ckpt_every == 0))
             if stop:
@@ -598,6 +598,12 @@ def _check_finite(flag: torch.Tensor, step: int, run: RunDir) -> None:
     raise UserError(f"the loss became NaN/inf at or before step {step}, before the first "
                     f"checkpoint; start the run again with {fix} (the run directory is "
                     "reused, its logs kept under attempts/)")
+
+
+def _weights_finite(model: torch.nn.Module) -> torch.Tensor:
+    """Whether every weight is finite (a bool tensor): checked before each checkpoint, as
+    the step whose loss was still finite can be the one whose update overflowed."""
+    return torch.stack([torch.isfinite(p).all() for p in model.parameters()]).all()
 
 
 def _step_scalars(terms, lr: float, images_per_s: float) -> dict[str, float]:
