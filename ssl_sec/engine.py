@@ -11,6 +11,7 @@ import os
 import random
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import torch
@@ -581,8 +582,11 @@ def _wrap_distributed(model: torch.nn.Module, cfg: Config, device: torch.device)
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
     ids = [device.index] if device.type == "cuda" else None
     # Buffers (queue, SEC mu, BN stats) are kept equal by construction; no broadcast needed.
-    return torch.nn.parallel.DistributedDataParallel(model, device_ids=ids,
-                                                     broadcast_buffers=False)
+    # (Newer torch warns that the flag is deprecated; its replacement still syncs at init.)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*broadcast_buffers.*", category=FutureWarning)
+        return torch.nn.parallel.DistributedDataParallel(model, device_ids=ids,
+                                                         broadcast_buffers=False)
 
 
 def _check_finite(flag: torch.Tensor, step: int, run: RunDir) -> None:

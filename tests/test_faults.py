@@ -262,3 +262,96 @@ def test_full_disk_while_writing_a_checkpoint(tmp_path, data_root):
     assert "could not write checkpoint" in line and "previous checkpoint is kept" in line
     assert (run_dir / "last.pt").read_bytes() == good
     assert not list(run_dir.glob(".*.tmp"))
+
+
+# ----------------------------------------------------------------------------- multi-node
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        return s.getsockname()[1]
+
+
+def _two_nodes(out, name, *extra):
+    """Two torchrun agents, one process each, meeting through a c10d rendezvous on this
+    machine: 2 "nodes" x 1 process, as the SLURM script launches across machines."""
+    torchrun = str(Path(sys.executable).parent / "torchrun")
+    port, run_id = _free_port(), f"{name}{time.time_ns()}"
+    cmd = [torchrun, "--nnodes=2", "--nproc_per_node=1", "--rdzv_backend=c10d",
+           f"--rdzv_endpoint=localhost:{port}", f"--rdzv_id={run_id}", "-m", "ssl_sec",
+           *BASE, f"out_dir={out}", f"name={name}", *extra]
+    env = {**_env(), "OMP_NUM_THREADS": "1"}
+    return [subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True) for _ in range(2)]
+
+
+def _finish(procs) -> list[tuple[int, str]]:
+    errs = [p.communicate(timeout=600)[1] for p in procs]
+    return [(p.returncode, err) for p, err in zip(procs, errs, strict=True)]
+
+
+def test_two_nodes_sigterm_and_exact_resume_same_world_size_only(tmp_path, data_root):
+    ref = _finish(_two_nodes(tmp_path, "ref"))
+    assert all(rc == 0 for rc, _ in ref), ref[0][1][-3000:]
+    ref_ckpt = load_checkpoint(tmp_path / "ref" / "last.pt", training=True)
+    assert ref_ckpt["step"] == STEPS and ref_ckpt["world_size"] == 2, ref[0][1][-2000:]
+
+    # SLURM preemption: SIGTERM to every task; torchrun passes it to its worker, the ranks
+    # agree on a step, write one checkpoint and stop.
+    procs = _two_nodes(tmp_path, "cut")
+    _wait_for_step(tmp_path / "cut", 2, procs[0])
+    for p in procs:
+        p.send_signal(signal.SIGTERM)
+    errs = [p.communicate(timeout=300)[1] for p in procs]
+    assert "ssl-sec: stopped by SIGTERM at step" in errs[0] + errs[1], errs[0][-2000:]
+    cut = load_checkpoint(tmp_path / "cut" / "last.pt", training=True)
+    assert 2 <= cut["step"] < STEPS and len(cut["rng"]) == 2
+
+    # Another world size is refused by name; the same one continues exactly.
+    one = _run(tmp_path, "cut", "--resume")
+    assert one.returncode == 2
+    assert "written by 2 process(es), this run has 1" in _last_line(one.stderr)
+    results = _finish(_two_nodes(tmp_path, "cut", "--resume"))
+    assert all(rc == 0 for rc, _ in results), results[0][1][-3000:]
+    assert_same_training(tmp_path / "ref" / "last.pt", tmp_path / "cut" / "last.pt")
+    for a, b in zip(ref_ckpt["rng"], load_checkpoint(tmp_path / "cut" / "last.pt")["rng"],
+                    strict=True):
+        assert torch.equal(a["torch"], b["torch"])
+
+
+# ----------------------------------------------------------------------------- SLURM script
+def test_slurm_script_requeues_on_the_time_limit_signal_and_resumes(tmp_path, reference):
+    """scripts/slurm/pretrain.sbatch under stand-ins for `srun` (runs its command) and
+    `scontrol` (records requeues): SIGUSR1, as `--signal=B:USR1@300` sends before the time
+    limit, gives a checkpoint and a requeue; the requeued job finishes the run exactly."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "srun").write_text('#!/bin/bash\nwhile [[ $1 == --* ]]; do shift; done\n'
+                                  'exec "$@"\n')
+    (bin_dir / "scontrol").write_text('#!/bin/bash\nif [[ $1 == show ]]; then echo localhost; '
+                                      'else echo "$@" >> "$SCONTROL_LOG"; fi\n')
+    for tool in bin_dir.iterdir():
+        tool.chmod(0o755)
+    log = tmp_path / "scontrol.log"
+    env = {**_env(), "PATH": f"{bin_dir}:{os.environ['PATH']}", "SLURM_JOB_ID": "42",
+           "SLURM_JOB_NODELIST": "node1", "SSL_SEC_PYTHON": sys.executable,
+           "SSL_SEC_PORT": str(_free_port()), "SCONTROL_LOG": str(log)}
+    cmd = ["bash", str(ROOT / "scripts" / "slurm" / "pretrain.sbatch"), *BASE[1:],
+           f"out_dir={tmp_path}", "name=job"]
+    job = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                           stderr=subprocess.PIPE, text=True)
+    _wait_for_step(tmp_path / "job", 2, job)
+    job.send_signal(signal.SIGUSR1)
+    out, err = job.communicate(timeout=300)
+    assert job.returncode == 0, err[-3000:]
+    assert log.read_text().split() == ["requeue", "42"]
+    assert "ssl-sec: stopped by SIGTERM at step" in err
+    stopped = load_checkpoint(tmp_path / "job" / "last.pt")["step"]
+    assert 2 <= stopped < STEPS
+    # The requeued job: the same script, the same arguments.
+    again = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert f"resumed {tmp_path / 'job' / 'last.pt'} at epoch" in again.stdout
+    assert log.read_text().split() == ["requeue", "42"]  # finished: no second requeue
+    assert_same_training(reference, tmp_path / "job" / "last.pt")
