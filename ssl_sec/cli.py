@@ -107,10 +107,13 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     parser = _parser()
-    args, extra = parser.parse_known_args(argv)
-    # key=value overrides may also follow the options (`--resume optim.lr=0.1`).
-    if extra and (not hasattr(args, "overrides") or any(x.startswith("-") for x in extra)):
-        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    try:
+        args, extra = parser.parse_known_args(argv)
+        # key=value overrides may also follow the options (`--resume optim.lr=0.1`).
+        if extra and (not hasattr(args, "overrides") or any(x.startswith("-") for x in extra)):
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    except SystemExit as done:  # --help, or a command-line mistake (already printed)
+        return done.code if isinstance(done.code, int) else 2
     if extra:
         args.overrides = [*args.overrides, *extra]
     # Before the first tensor: glibc keeps freed blocks for the next step (cpu_memory.py).

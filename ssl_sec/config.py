@@ -276,7 +276,7 @@ def show(value: Any) -> str:
 
 
 def _plain_name(name: str) -> bool:
-    return (bool(name) and name not in (".", "..") and "/" not in name
+    return (0 < len(name) <= 200 and name not in (".", "..") and "/" not in name
             and not any(ord(c) < 32 for c in name))
 
 
@@ -302,7 +302,8 @@ def _check_ranges(cfg: Config) -> None:
     need(cfg.ckpt_every_minutes >= 0, "ckpt_every_minutes", cfg.ckpt_every_minutes,
          ">= 0 (0 = off)")
     need(_plain_name(cfg.name), "name", cfg.name,
-         "a folder name: not empty, '.' or '..', without '/' or control characters")
+         "a folder name of 1 to 200 characters, not '.' or '..', without '/' or control "
+         "characters")
     need(bool(cfg.out_dir) and "\0" not in cfg.out_dir, "out_dir", cfg.out_dir, "a folder path")
     d = cfg.data
     choice("data.dataset", d.dataset, DATASETS)

@@ -13,7 +13,7 @@ import torch
 from ..checkpoint import load_checkpoint
 from ..config import Config, _merge, from_dict
 from ..data import NORMALIZATION, load_splits
-from ..errors import CheckpointError
+from ..errors import CheckpointError, ConfigError
 from ..models import build_backbone
 from ..runtime import resolve_device
 from .features import cached_features, file_sha256
@@ -31,6 +31,11 @@ def checkpoint_config(path: Path, ckpt: dict, overrides: list[str] | None = None
     `model.cifar_stem` than the checkpoint holds is a CheckpointError, not a silent rebuild.
     """
     saved = ckpt["config"]
+    try:
+        from_dict(saved)
+    except ConfigError as err:
+        raise CheckpointError(f"checkpoint '{path}' holds a config this ssl_sec cannot use "
+                              f"({err}); it was written by another version or damaged") from None
     cfg = from_dict(_merge(saved, extra or {}), overrides)
     held = saved.get("model", {}) if isinstance(saved, dict) else {}
     for key in ("arch", "cifar_stem"):
