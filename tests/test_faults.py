@@ -355,3 +355,31 @@ def test_slurm_script_requeues_on_the_time_limit_signal_and_resumes(tmp_path, re
     assert f"resumed {tmp_path / 'job' / 'last.pt'} at epoch" in again.stdout
     assert log.read_text().split() == ["requeue", "42"]  # finished: no second requeue
     assert_same_training(reference, tmp_path / "job" / "last.pt")
+
+
+# ----------------------------------------------------------------------------- streaming
+def test_streamed_run_sigterm_to_every_process_resumes_exactly(tmp_path, data_root):
+    """An image folder streamed by 2 DataLoader workers; SIGTERM to the whole process group
+    (as SLURM signals every process of a job step): the workers ignore it, the main process
+    checkpoints mid-epoch (the loader position included) and the resume is exact."""
+    import shutil
+
+    sample = Path(shutil.copytree(data_root / "imagefolder-sample", tmp_path / "sample"))
+    stream = ["data.dataset=imagefolder", f"data.root={sample}", "data.mode=stream",
+              "data.workers=2", "augment.size=32", "data.test_subset=60", "optim.batch_size=64"]
+    ref = _run(tmp_path, "ref", *stream)
+    assert ref.returncode == 0, ref.stderr[-3000:]
+    proc = subprocess.Popen(_cmd(tmp_path, "cut", *stream), cwd=ROOT, env=_env(),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    _wait_for_step(tmp_path / "cut", 2, proc)
+    os.killpg(proc.pid, signal.SIGTERM)
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 75, err[-3000:]
+    assert "stopped by SIGTERM" in _last_line(err) and "DataLoader worker" not in err
+    cut = load_checkpoint(tmp_path / "cut" / "last.pt", training=True)
+    assert 2 <= cut["step"] < 8  # 300 // 64 = 4 steps an epoch
+    assert cut["batch_in_epoch"] == cut["step"] % 4
+    again = _run(tmp_path, "cut", *stream, "--resume")
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert_same_training(tmp_path / "ref" / "last.pt", tmp_path / "cut" / "last.pt")
