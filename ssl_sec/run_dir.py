@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import fcntl
 import os
+import re
 import shutil
 import time
 from dataclasses import dataclass, field
@@ -24,8 +25,10 @@ RUN_MARKERS = (LOCK, "last.pt")
 # Files of an earlier attempt that stopped before its first checkpoint: kept under
 # attempts/N/ when the run starts again.
 ATTEMPT_FILES = ("config.yaml", "metrics.jsonl", "result.json", "tb")
-# Not logs of an attempt: the lock and the image-folder index cache.
+# Not logs of an attempt: the lock, earlier attempts and image-folder index caches (kept
+# here when the data folder is read-only: data/index.py).
 _NOT_ATTEMPT = {LOCK, ".ssl_sec_index.json", "attempts"}
+_INDEX_CACHE = re.compile(r"index-[0-9a-f]+\.json")
 
 
 @dataclass
@@ -149,7 +152,8 @@ def _decide(run: RunDir, resume: str | Path | None) -> None:
         raise UserError(f"run directory '{run.root}' already exists and holds a checkpoint; "
                         "add --resume to continue it, or pass name=NEW_NAME (or out_dir=...) "
                         "to start a new run")
-    left = [p for p in run.root.iterdir() if p.name not in _NOT_ATTEMPT]
+    left = [p for p in run.root.iterdir()
+            if p.name not in _NOT_ATTEMPT and not _INDEX_CACHE.fullmatch(p.name)]
     if not left:
         return
     if not (run.root / "config.yaml").is_file() or any(p.name not in ATTEMPT_FILES
