@@ -22,6 +22,7 @@ EPILOG = """examples:
   ssl-sec linear --checkpoint runs/quickstart/last.pt mode=features optim.epochs=30
   ssl-sec kshot --checkpoint runs/c100_src/last.pt --shots 1 5 --target-classes 50-99
   ssl-sec norms --checkpoint runs/quickstart/last.pt
+  ssl-sec export --checkpoint runs/quickstart/last.pt --format torchvision
   ssl-sec config recipes/cifar10/simclr_sec.yaml loss.sec_ramp=constant
 data: data.root in the recipe, else $SSL_SEC_DATA, else ./data (downloaded when missing).
 exit codes: 0 done; 2 a user error (one line on stderr); 75 stopped by SIGTERM, SIGUSR1 or
@@ -99,6 +100,17 @@ def _parser() -> argparse.ArgumentParser:
                      help="overrides of the checkpoint's config; the whole test set is "
                           "embedded unless e.g. data.test_subset=1000")
 
+    exp = sub.add_parser("export", help="write a checkpoint's backbone weights for torchvision "
+                                        "or timm (safetensors by default)")
+    exp.add_argument("--checkpoint", required=True, help="a .pt written by ssl-sec pretrain")
+    exp.add_argument("--format", default="safetensors", choices=("safetensors", "torchvision",
+                                                                  "timm"),
+                     help="safetensors: no pickle, the source library's key names, recipe and "
+                          "provenance in its metadata (default); torchvision: a torch "
+                          "state_dict .pt; timm: safetensors under timm's key names")
+    exp.add_argument("--out", default=None, help="output file (default: beside the checkpoint)")
+    exp.add_argument("--force", action="store_true", help="replace an existing output file")
+
     cfg = sub.add_parser("config", help="print the resolved config of a recipe and overrides")
     cfg.add_argument("recipe")
     cfg.add_argument("overrides", nargs="*", metavar="key=value")
@@ -157,6 +169,11 @@ def main(argv: list[str] | None = None) -> int:
             from .evaluation.norms import norms_command
 
             print(json.dumps(norms_command(Path(args.checkpoint), args.overrides)), flush=True)
+        elif args.command == "export":
+            from .pretrained import export_backbone
+
+            print(json.dumps(export_backbone(args.checkpoint, args.format, args.out,
+                                             args.force)), flush=True)
         elif args.command == "config":
             from .config import load_recipe, to_yaml
 

@@ -20,12 +20,12 @@ from typing import Any
 
 import yaml
 
+from .archs import check_arch
 from .data.registry import DATASETS
 from .errors import ConfigError
 from .runtime import PRECISIONS
 
 METHODS = ("simclr", "moco")
-ARCHS = ("resnet18", "resnet34", "resnet50")
 
 
 @dataclass
@@ -340,7 +340,7 @@ def _check_ranges(cfg: Config) -> None:
         need(cfg.augment2.size == cfg.augment.size, "augment2.size", cfg.augment2.size,
              f"equal to augment.size={cfg.augment.size} (both views go through one batch)")
     m = cfg.model
-    choice("model.arch", m.arch, ARCHS)
+    check_arch(m.arch, m.cifar_stem)
     need(m.proj_hidden_dim >= 1, "model.proj_hidden_dim", m.proj_hidden_dim, ">= 1")
     need(m.proj_output_dim >= 1, "model.proj_output_dim", m.proj_output_dim, ">= 1")
     mo = cfg.moco
@@ -623,7 +623,7 @@ def _check_linear_ranges(cfg: LinearConfig) -> None:
         need(v is None or v >= 0, f"data.{key}", v, ">= 0")
     need(d.image_size is None or d.image_size >= 8, "data.image_size", d.image_size, ">= 8")
     if cfg.model.arch is not None:
-        choice("model.arch", cfg.model.arch, ARCHS)
+        check_arch(cfg.model.arch, False)
     o = cfg.optim
     need(o.lr > 0, "optim.lr", o.lr, "> 0")
     need(0.0 <= o.momentum < 1.0, "optim.momentum", o.momentum, "in [0, 1)")

@@ -35,7 +35,7 @@ from .data.stream import BytesStream, CropStream, StreamLoader, eval_resize_for
 from .errors import CheckpointError, ConfigError, UserError
 from .evaluation.features import Labelled, labelled_features
 from .evaluation.knn import knn_evaluate
-from .methods import METHODS
+from .methods import build_model
 from .optim import build_optimizer, lr_at, set_lr
 from .preemption import Preempted, StopRequests
 from .run_dir import RunDir, open_run, run_root
@@ -72,13 +72,6 @@ def build_augment(cfg: Config, device: torch.device, crop: bool = True
     mean, std = NORMALIZATION[cfg.data.dataset]
     eval_view = EvalTransform(size=cfg.augment.size, mean=mean, std=std)
     return TwoViews(first, second).to(device), eval_view.to(device)
-
-
-def build_model(cfg: Config, device: torch.device) -> torch.nn.Module:
-    model = METHODS[cfg.method](cfg).to(device)
-    if cfg.model.channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    return model
 
 
 def check_resume_config(saved: dict, cfg: Config) -> list[str]:

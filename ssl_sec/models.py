@@ -1,46 +1,17 @@
-"""Backbones (torchvision ResNets, optional CIFAR stem) and projection heads."""
+"""The encoder (a backbone from ssl_sec/archs.py and a projection head), momentum copies and
+split BatchNorm."""
 
 from __future__ import annotations
 
 import copy
 
 import torch
-import torchvision
 from lightly.models.modules.heads import MoCoProjectionHead, SimCLRProjectionHead
 from torch import nn
 from torch.nn import functional as F
 
+from .archs import build_backbone
 from .config import ModelConfig
-from .errors import ConfigError
-
-FEATURE_DIMS = {"resnet18": 512, "resnet34": 512, "resnet50": 2048}
-
-
-def build_backbone(arch: str, cifar_stem: bool) -> tuple[nn.Module, int]:
-    """A torchvision ResNet without its classifier: images (B,3,H,W) -> pooled features (B,D).
-
-    The CIFAR stem (3x3 stride-1 conv1, no max-pool) keeps 32x32 inputs at full resolution
-    through the first stage, as in SimCLR's and MoCo's CIFAR experiments.
-    """
-    if arch not in FEATURE_DIMS:
-        raise ConfigError(f"model.arch={arch!r} is unknown; use one of {', '.join(FEATURE_DIMS)}")
-    net = getattr(torchvision.models, arch)(weights=None)
-    if cifar_stem:
-        net.conv1 = nn.Conv2d(3, 64, kernel_size=3, stride=1, padding=1, bias=False)
-        nn.init.kaiming_normal_(net.conv1.weight, mode="fan_out", nonlinearity="relu")
-        net.maxpool = nn.Identity()
-    net.avgpool = GlobalAvgPool()
-    net.fc = nn.Identity()
-    return net, FEATURE_DIMS[arch]
-
-
-class GlobalAvgPool(nn.Module):
-    """Mean over H and W, (B, C, H, W) -> (B, C, 1, 1): torchvision's AdaptiveAvgPool2d(1)
-    without its CUDA backward, which has no deterministic implementation (so
-    `deterministic: true` would refuse to train). The same values, no parameters."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x.mean(dim=(-2, -1), keepdim=True)
 
 
 def build_projector(in_dim: int, cfg: ModelConfig, head: str = "simclr") -> nn.Module:
@@ -55,9 +26,9 @@ def build_projector(in_dim: int, cfg: ModelConfig, head: str = "simclr") -> nn.M
 class Encoder(nn.Module):
     """Backbone + projector; forward returns (h, z): pooled features (B,D), projection (B,d)."""
 
-    def __init__(self, cfg: ModelConfig, head: str = "simclr"):
+    def __init__(self, cfg: ModelConfig, head: str = "simclr", image_size: int = 224):
         super().__init__()
-        self.backbone, self.feat_dim = build_backbone(cfg.arch, cfg.cifar_stem)
+        self.backbone, self.feat_dim = build_backbone(cfg.arch, cfg.cifar_stem, image_size)
         self.projector = build_projector(self.feat_dim, cfg, head)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

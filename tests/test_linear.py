@@ -13,7 +13,7 @@ from torch import nn
 from ssl_sec.config import LinearConfig, linear_from_dict, load_linear_recipe
 from ssl_sec.data import NORMALIZATION
 from ssl_sec.errors import CheckpointError, ConfigError
-from ssl_sec.evaluation.commands import load_backbone
+from ssl_sec.evaluation.commands import backbone_and_config
 from ssl_sec.evaluation.linear import (
     check_trainable,
     frozen_backbone,
@@ -73,7 +73,7 @@ def _bn_buffers(module: nn.Module) -> dict:
 
 def test_full_mode_keeps_backbone_and_bn_buffers_bit_identical(make_checkpoint, data_root):
     path = make_checkpoint()
-    backbone, cfg = load_backbone(path, [])
+    backbone, cfg = backbone_and_config(path, [])
     # Make BN statistics non-trivial, so that a train-mode pass would visibly move them.
     with torch.no_grad():
         for m in backbone.modules():
@@ -172,7 +172,7 @@ def test_architecture_mismatch_is_refused(make_checkpoint):
     with pytest.raises(CheckpointError, match="model.cifar_stem"):
         linear_command(path, None, ["model.cifar_stem=true"], verbose=False)
     with pytest.raises(CheckpointError, match="resnet34"):
-        load_backbone(path, ["model.arch=resnet34"])
+        backbone_and_config(path, ["model.arch=resnet34"])
 
 
 def test_weights_that_do_not_fit_the_config_are_refused(make_checkpoint):
@@ -181,7 +181,7 @@ def test_weights_that_do_not_fit_the_config_are_refused(make_checkpoint):
     ckpt["config"]["model"]["arch"] = "resnet34"  # config says resnet34, weights are resnet18
     torch.save(ckpt, path)
     with pytest.raises(CheckpointError, match="does not match model.arch=resnet34"):
-        load_backbone(path, [])
+        backbone_and_config(path, [])
 
 
 @pytest.mark.parametrize("path", LINEAR_RECIPES, ids=[p.name for p in LINEAR_RECIPES])

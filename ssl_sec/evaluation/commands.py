@@ -11,59 +11,17 @@ from pathlib import Path
 import torch
 
 from ..checkpoint import load_checkpoint
-from ..config import Config, _merge, from_dict
+from ..config import Config
 from ..data import NORMALIZATION, load_splits
-from ..errors import CheckpointError, ConfigError
-from ..models import build_backbone
+from ..pretrained import backbone_from_checkpoint, checkpoint_config
 from ..runtime import resolve_device
 from .features import cached_features, file_sha256
 from .knn import knn_evaluate
 
-BACKBONE_PREFIX = "encoder.backbone."
-
 
 # ----------------------------------------------------------------------------- checkpoint
-def checkpoint_config(path: Path, ckpt: dict, overrides: list[str] | None = None,
-                      extra: dict | None = None) -> Config:
-    """The checkpoint's config with `extra` (a nested dict) and then `overrides` applied.
-
-    The backbone's shape cannot be changed after training: asking for another `model.arch` or
-    `model.cifar_stem` than the checkpoint holds is a CheckpointError, not a silent rebuild.
-    """
-    saved = ckpt["config"]
-    try:
-        from_dict(saved)
-    except ConfigError as err:
-        raise CheckpointError(f"checkpoint '{path}' holds a config this ssl_sec cannot use "
-                              f"({err}); it was written by another version or damaged") from None
-    cfg = from_dict(_merge(saved, extra or {}), overrides)
-    held = saved.get("model", {}) if isinstance(saved, dict) else {}
-    for key in ("arch", "cifar_stem"):
-        if key in held and held[key] != getattr(cfg.model, key):
-            raise CheckpointError(
-                f"checkpoint '{path}' holds a backbone with model.arch={held.get('arch')!r} "
-                f"model.cifar_stem={held.get('cifar_stem')!r}, but model.{key}="
-                f"{getattr(cfg.model, key)!r} was asked; drop that override or pass a "
-                "checkpoint trained with it")
-    return cfg
-
-
-def backbone_from_checkpoint(path: Path, ckpt: dict, cfg: Config) -> torch.nn.Module:
-    """The checkpoint's backbone (eval mode, on the CPU); keys `encoder.backbone.*`."""
-    backbone, _ = build_backbone(cfg.model.arch, cfg.model.cifar_stem)
-    state = {k[len(BACKBONE_PREFIX):]: v for k, v in ckpt["model"].items()
-             if k.startswith(BACKBONE_PREFIX)}
-    try:
-        backbone.load_state_dict(state)
-    except RuntimeError as err:
-        raise CheckpointError(f"checkpoint '{path}' does not match model.arch={cfg.model.arch} "
-                              f"cifar_stem={cfg.model.cifar_stem} "
-                              f"({str(err).splitlines()[0][:120]})") from None
-    return backbone.eval()
-
-
-def load_backbone(path: Path, overrides: list[str],
-                  extra: dict | None = None) -> tuple[torch.nn.Module, Config]:
+def backbone_and_config(path: Path, overrides: list[str],
+                        extra: dict | None = None) -> tuple[torch.nn.Module, Config]:
     """The checkpoint's backbone (eval mode) and its config with `overrides` applied."""
     ckpt = load_checkpoint(path)
     cfg = checkpoint_config(path, ckpt, overrides, extra)

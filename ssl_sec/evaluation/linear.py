@@ -161,12 +161,18 @@ def _shuffled(n: int, batch_size: int, seed: int, device: torch.device) -> Calla
 
 
 def probe_on_features(train_feats: torch.Tensor, train_labels: torch.Tensor,
-                      test_feats: torch.Tensor, test_labels: torch.Tensor, num_classes: int,
-                      cfg: LinearConfig, writer=None, log=None) -> dict:
-    """Fast mode: the head trains on fixed (cached, un-augmented) features.
+                      test_feats: torch.Tensor, test_labels: torch.Tensor,
+                      num_classes: int | None = None, cfg: LinearConfig | None = None,
+                      writer=None, log=None) -> dict:
+    """A linear head trained on fixed (e.g. cached, un-augmented) features: `ssl-sec linear
+    mode=features`. cfg: the protocol (default: the CIFAR one, recipes/linear/cifar.yaml);
+    num_classes: default the largest label + 1. Returns test top-1/top-5 and the head.
 
     Shape: train_feats (N, D), test_feats (Q, D), labels int64 in [0, num_classes).
     """
+    cfg = cfg or LinearConfig()
+    if num_classes is None:
+        num_classes = int(max(train_labels.max(), test_labels.max())) + 1
     torch.manual_seed(cfg.seed)
     device = train_feats.device
     head = make_head(train_feats.shape[1], num_classes).to(device)

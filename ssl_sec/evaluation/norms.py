@@ -19,8 +19,8 @@ from torch import nn
 
 from ..checkpoint import load_checkpoint
 from ..data import load_splits
-from ..engine import build_model
 from ..errors import CheckpointError, UserError
+from ..methods import build_model
 from ..runtime import autocast_for, resolve_device
 from .commands import checkpoint_config, eval_transform_for, pretrain_dataset
 from .features import labelled_batches

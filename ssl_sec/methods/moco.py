@@ -31,7 +31,7 @@ class MoCo(nn.Module):
         m = cfg.moco
         self.cfg = m
         self.sec_on = cfg.loss.sec_on
-        self.encoder = Encoder(cfg.model, head="moco")
+        self.encoder = Encoder(cfg.model, head="moco", image_size=cfg.augment.size)
         if m.bn_remedy == "split":
             convert_split_bn(self.encoder.backbone, m.bn_splits)
         self.momentum_encoder = momentum_copy(self.encoder)

@@ -14,7 +14,7 @@ class SimCLR(nn.Module):
     def __init__(self, cfg: Config):
         super().__init__()
         self.sec_on = cfg.loss.sec_on
-        self.encoder = Encoder(cfg.model)
+        self.encoder = Encoder(cfg.model, image_size=cfg.augment.size)
         self.objective = Objective(cfg.loss)
 
     @property

@@ -1,0 +1,149 @@
+"""Using a pretrained checkpoint elsewhere: its backbone as an nn.Module, or its weights
+written under the key names of the library the architecture comes from.
+
+    backbone = ssl_sec.load_backbone("runs/quickstart/last.pt")          # (B,3,H,W) -> (B,D)
+    ssl-sec export --checkpoint runs/quickstart/last.pt                  # .safetensors
+
+A torchvision backbone's keys are torchvision's own (the classifier's last Linear, which
+pretraining does not train, is left out), so `torchvision.models.resnet18()` loads the file
+with strict=True except for `fc.*`. A run with the CIFAR stem needs the same two changes on
+the torchvision model first (they are in the file's metadata):
+`conv1 = nn.Conv2d(3, 64, 3, 1, 1, bias=False)` and `maxpool = nn.Identity()`.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from . import __version__
+from .archs import TIMM, build_backbone, has_cifar_stem
+from .checkpoint import load_checkpoint
+from .config import Config, _merge, from_dict, to_yaml
+from .errors import CheckpointError, ConfigError, UserError
+
+BACKBONE_PREFIX = "encoder.backbone."
+FORMATS = ("safetensors", "torchvision", "timm")
+
+
+def checkpoint_config(path: Path, ckpt: dict, overrides: list[str] | None = None,
+                      extra: dict | None = None) -> Config:
+    """The checkpoint's config with `extra` (a nested dict) and then `overrides` applied.
+
+    The backbone's shape cannot be changed after training: asking for another `model.arch` or
+    `model.cifar_stem` than the checkpoint holds is a CheckpointError, not a silent rebuild.
+    """
+    saved = ckpt["config"]
+    try:
+        from_dict(saved)
+    except ConfigError as err:
+        raise CheckpointError(f"checkpoint '{path}' holds a config this ssl_sec cannot use "
+                              f"({err}); it was written by another version or damaged") from None
+    cfg = from_dict(_merge(saved, extra or {}), overrides)
+    held = saved.get("model", {})
+    for key in ("arch", "cifar_stem"):
+        if key in held and held[key] != getattr(cfg.model, key):
+            raise CheckpointError(
+                f"checkpoint '{path}' holds a backbone with model.arch={held.get('arch')!r} "
+                f"model.cifar_stem={held.get('cifar_stem')!r}, but model.{key}="
+                f"{getattr(cfg.model, key)!r} was asked; drop that override or pass a "
+                "checkpoint trained with it")
+    return cfg
+
+
+def backbone_state(ckpt: dict) -> dict[str, torch.Tensor]:
+    """The backbone's weights of a checkpoint, under the backbone's own key names."""
+    return {k[len(BACKBONE_PREFIX):]: v for k, v in ckpt["model"].items()
+            if k.startswith(BACKBONE_PREFIX)}
+
+
+def backbone_from_checkpoint(path: Path, ckpt: dict, cfg: Config) -> nn.Module:
+    """The checkpoint's backbone (eval mode, on the CPU)."""
+    backbone, _ = build_backbone(cfg.model.arch, cfg.model.cifar_stem, cfg.augment.size)
+    try:
+        backbone.load_state_dict(backbone_state(ckpt))
+    except RuntimeError as err:
+        raise CheckpointError(f"checkpoint '{path}' does not match model.arch={cfg.model.arch} "
+                              f"cifar_stem={cfg.model.cifar_stem} "
+                              f"({str(err).splitlines()[0][:120]})") from None
+    return backbone.eval()
+
+
+def load_backbone(checkpoint: str | Path, with_projector: bool = False) -> nn.Module:
+    """The pretrained backbone of an ssl_sec checkpoint, in eval mode on the CPU:
+    images (B, 3, H, W), normalised as in pretraining, -> features (B, D).
+
+    with_projector=True: the backbone and the projection head together, whose forward
+    returns (h, z): features (B, D) and projections (B, d). (For MoCo: the query encoder.)
+    """
+    path = Path(checkpoint)
+    ckpt = load_checkpoint(path)
+    cfg = checkpoint_config(path, ckpt)
+    if not with_projector:
+        return backbone_from_checkpoint(path, ckpt, cfg)
+    from .methods import METHODS
+
+    method = METHODS[cfg.method](cfg)
+    try:
+        method.load_state_dict(ckpt["model"])
+    except RuntimeError as err:
+        raise CheckpointError(f"checkpoint '{path}' does not fit a {cfg.method} model "
+                              f"({str(err).splitlines()[0][:120]})") from None
+    return method.encoder.eval()
+
+
+def export_backbone(checkpoint: str | Path, fmt: str = "safetensors",
+                    out: str | Path | None = None, force: bool = False) -> dict:
+    """Write the checkpoint's backbone weights for use without ssl_sec.
+
+    fmt: "safetensors" (no pickle; the source library's key names, the recipe and
+    provenance in its metadata), "torchvision" (a torch state_dict .pt for torchvision
+    models) or "timm" (safetensors under timm's key names: ResNets and timm: backbones).
+    Returns what was written and how to load it.
+    """
+    if fmt not in FORMATS:
+        raise UserError(f"--format {fmt!r}: use one of {', '.join(FORMATS)}")
+    path = Path(checkpoint)
+    ckpt = load_checkpoint(path)
+    cfg = checkpoint_config(path, ckpt)
+    backbone_from_checkpoint(path, ckpt, cfg)  # the weights fit the architecture
+    arch, state = cfg.model.arch, backbone_state(ckpt)
+    _, dim = build_backbone(arch, cfg.model.cifar_stem, cfg.augment.size)
+    library = "timm" if arch.startswith(TIMM) else "torchvision"
+    if fmt == "timm" and library == "torchvision" and not has_cifar_stem(arch):
+        raise UserError(f"--format timm: timm key names are known for ResNet-family and timm: "
+                        f"backbones, not {arch}; use --format safetensors or torchvision")
+    if fmt == "torchvision" and library == "timm":
+        raise UserError(f"--format torchvision: {arch} is a timm model; use --format "
+                        "safetensors or timm")
+    target = "timm" if fmt == "timm" else library
+    # torchvision's and timm's ResNets name their weights alike (conv1, bn1, layerN.M.*).
+    name = arch[len(TIMM):] if arch.startswith(TIMM) else arch
+    stem = ("conv1 = nn.Conv2d(3, 64, 3, 1, 1, bias=False); maxpool = nn.Identity()"
+            if cfg.model.cifar_stem else "standard")
+    suffix = ".pt" if fmt == "torchvision" else ".safetensors"
+    out = Path(out) if out is not None else path.with_name(f"{path.stem}.{name}.{target}{suffix}")
+    if out.exists() and not force:
+        raise UserError(f"'{out}' exists; pass --out NEW_FILE, or --force to replace it")
+    loader = (f"torchvision.models.{name}()" if target == "torchvision"
+              else f"timm.create_model('{name}', num_classes=0)")
+    info = {"file": str(out), "format": fmt, "keys": target, "arch": name,
+            "cifar_stem": stem, "feature_dim": dim,
+            "tensors": len(state), "load": f"{loader}, apply cifar_stem if not standard, then "
+            "load_state_dict(weights, strict=False): only the classifier head is missing"}
+    tensors = {k: v.contiguous() for k, v in state.items()}
+    out.parent.mkdir(parents=True, exist_ok=True)
+    if suffix == ".pt":
+        torch.save(tensors, out)
+    else:
+        from safetensors.torch import save_file
+
+        meta = {"ssl_sec_version": __version__, "checkpoint": str(path),
+                "step": str(ckpt["step"]), "method": cfg.method,
+                "knn": json.dumps(ckpt.get("knn", {})), "recipe": to_yaml(cfg),
+                **{k: str(v) for k, v in info.items() if k != "file"}}
+        save_file(tensors, str(out), metadata=meta)
+    return info
