@@ -24,7 +24,7 @@ METHOD = {
 # scaled linearly to 0.8 for 512; wd 1e-5; LARS eta 0.02 excluding bias/norm; T 0.2;
 # 10 warmup epochs; crop scale 0.08-1; jitter 0.4/0.4/0.2/0.1 p 0.8; gray 0.2; no blur on
 # 32x32); SimCLR paper appendix B.9 (2048-d hidden, 128-d output). 200 epochs matches the
-# lightly CIFAR-10 benchmark row in METHODS.md (kNN 84.8 at 200 epochs).
+# lightly CIFAR-10 benchmark row in docs/methods.md (kNN 84.8 at 200 epochs).
 method: simclr
 augment:
   size: 32

@@ -1,6 +1,6 @@
 """Loss terms as pure functions (float32 math even under bf16 autocast), plus the Objective.
 
-Notation (METHODS.md): z1, z2 are the un-normalised projector outputs of the two views,
+Notation (docs/methods.md): z1, z2 are the un-normalised projector outputs of the two views,
 Shape (N, d); u = z / ||z||; T the temperature.
 
 Every contrastive term is a cross-entropy over one row of candidates per anchor. Both
@@ -21,6 +21,12 @@ from torch import nn
 
 from .config import LossConfig
 from .distributed import all_reduce_mean, gather_with_grad, rank, world_size
+
+
+__all__ = ["Objective", "Similarities", "Terms", "circle_contrastive", "circle_from",
+           "circle_logits", "circle_queue", "contrastive_losses", "info_nce", "info_nce_from",
+           "moco_info_nce", "pairwise_similarities", "queue_similarities", "sec_loss",
+           "sec_weight"]
 
 
 @dataclass

@@ -1,4 +1,4 @@
-"""Circle-style term against a loop implementation of the pair form (METHODS.md section 4)."""
+"""Circle-style term against a loop implementation of the pair form (docs/methods.md section 4)."""
 
 import math
 

@@ -1,5 +1,5 @@
 """Two gloo processes with B/2 each give the loss and gradients of one process with B
-(METHODS.md section 7): InfoNCE over gathered views, SEC with the global mean norm, the
+(docs/methods.md section 7): InfoNCE over gathered views, SEC with the global mean norm, the
 Circle term, and MoCo's key enqueueing. BN-free model, fixed inputs."""
 
 import os

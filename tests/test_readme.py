@@ -39,3 +39,18 @@ def test_version_and_documented_imports_in_a_fresh_interpreter():
     assert out == ssl_sec.__version__ and re.fullmatch(r"\d+\.\d+\.\d+", out)
     for name in ssl_sec.__all__:
         assert getattr(ssl_sec, name) is not None, name
+
+
+def test_every_api_name_the_readme_gives_exists():
+    """`ssl_sec.module.name` in the README's text resolves, and is in the module's __all__
+    when the module declares one."""
+    import importlib
+
+    text = (ROOT / "README.md").read_text()
+    names = set(re.findall(r"`(ssl_sec(?:\.[a-z_]+)+\.[A-Za-z_]+)\(", text))
+    assert len(names) >= 5
+    for dotted in sorted(names):
+        module_name, _, attr = dotted.rpartition(".")
+        module = importlib.import_module(module_name)
+        assert hasattr(module, attr), dotted
+        assert attr in getattr(module, "__all__", [attr]), dotted

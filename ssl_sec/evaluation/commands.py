@@ -86,7 +86,7 @@ def split_features(backbone: torch.nn.Module, source, transform: torch.nn.Module
 
 # ----------------------------------------------------------------------------- kNN
 def knn_command(path: Path, overrides: list[str], cache: bool = True) -> dict:
-    """Weighted kNN (METHODS.md section 5) of the checkpoint's backbone; the train-set bank
+    """Weighted kNN (docs/methods.md section 5) of the checkpoint's backbone; the train-set bank
     and the test features are cached in `<checkpoint dir>/features/` unless `cache=False`."""
     ckpt = load_checkpoint(path)
     cfg = checkpoint_config(path, ckpt, overrides)

@@ -1,4 +1,4 @@
-"""Weighted k-nearest-neighbour classifier (InstDisc weighting, METHODS.md section 5).
+"""Weighted k-nearest-neighbour classifier (InstDisc weighting, docs/methods.md section 5).
 
 For each query ``q`` the bank neighbours are ranked by cosine similarity, the top ``k``
 neighbours ``(s_i, y_i)`` vote with weight ``w_i = exp(s_i / T)`` and the class score is

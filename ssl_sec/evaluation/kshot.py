@@ -1,5 +1,5 @@
 """Few-shot transfer evaluation, the protocol of "Adapted Deep Embeddings" (Scott, Ridgeway,
-Mozer, NeurIPS 2018; METHODS.md section 8).
+Mozer, NeurIPS 2018; docs/methods.md section 8).
 
 Classes are split into disjoint source and target sets (e.g. CIFAR-100 0-49 / 50-99). The
 backbone is pretrained on source-class images only, which the pretraining recipe already

@@ -1,4 +1,4 @@
-"""Linear probe of a frozen backbone (METHODS.md section 6).
+"""Linear probe of a frozen backbone (docs/methods.md section 6).
 
 The backbone stays in eval mode with `requires_grad_(False)` for the whole run (train-mode
 BatchNorm would move its running statistics even without gradients); only `nn.Linear(D, C)`

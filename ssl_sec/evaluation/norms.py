@@ -1,6 +1,6 @@
 """Norm diagnostics of a checkpoint: how spread out are the embedding norms?
 
-SEC (METHODS.md section 3) pulls the projector outputs' norms ||z|| towards their mean; this
+SEC (docs/methods.md section 3) pulls the projector outputs' norms ||z|| towards their mean; this
 command measures the result on the (whole) test set, for the pooled backbone features h and the
 projector outputs z alike, in eval mode and **before** any L2 normalisation. It writes
 `<stem>.norms.json` (mean, std, coefficient of variation, quantiles) and `<stem>.norms.png`
