@@ -22,7 +22,6 @@ from torch import nn
 from .config import LossConfig
 from .distributed import all_reduce_mean, gather_with_grad, rank, world_size
 
-
 __all__ = ["Objective", "Similarities", "Terms", "circle_contrastive", "circle_from",
            "circle_logits", "circle_queue", "contrastive_losses", "info_nce", "info_nce_from",
            "moco_info_nce", "pairwise_similarities", "queue_similarities", "sec_loss",
