@@ -142,6 +142,52 @@ def _as_tuple(obj: Any) -> Any:
     return obj
 
 
+def training_state(config: dict, step: int, steps_per_epoch: int, model, optimizer, scaler,
+                   loader, rng_states: list[dict], knn: dict, skipped: int) -> dict:
+    """Everything a resume needs, as written to last.pt (read back by
+    `restore_training_state`). rng_states: each rank's `rng_state()`, in rank order."""
+    batch = step % steps_per_epoch
+    return {
+        "format": "ssl_sec", "format_version": FORMAT_VERSION, "config": config,
+        "epoch": step // steps_per_epoch, "batch_in_epoch": batch, "step": step,
+        "world_size": len(rng_states), "model": model.state_dict(),
+        "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
+        # Mid-epoch: the state that drew this epoch's order (replayed on resume, the done
+        # batches skipped); at an epoch end: the state that draws the next epoch's.
+        "loader_rng": loader.epoch_state if batch else loader.generator.get_state(),
+        "rng": rng_states, "knn": knn, "skipped_steps": skipped,
+    }
+
+
+def restore_training_state(ckpt: dict, path: Path, model, optimizer, scaler, loader,
+                           rank: int, steps_per_epoch: int, total_steps: int) -> int:
+    """Put a `training_state` checkpoint (from `load_checkpoint(path, training=True)`) back
+    into the model, optimizer, loss scaler, data order and this rank's RNGs; returns its
+    step. Whatever does not fit is a CheckpointError naming the file."""
+    step, batch = ckpt["step"], ckpt["batch_in_epoch"]
+    if not 0 <= step <= total_steps or batch != step % steps_per_epoch:
+        raise CheckpointError(f"checkpoint '{path}' is at step {step} (batch {batch} of its "
+                              f"epoch), which does not fit this run's {steps_per_epoch} steps "
+                              "per epoch; resume with the data it was trained on")
+    try:
+        model.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        scaler.load_state_dict(ckpt["scaler"])
+    except (RuntimeError, ValueError, KeyError, TypeError) as err:
+        raise CheckpointError(f"checkpoint '{path}' does not fit this model "
+                              f"({_first_line(err)})") from None
+    try:
+        loader.generator.set_state(ckpt["loader_rng"])
+    except (RuntimeError, TypeError, ValueError) as err:
+        raise CheckpointError(f"checkpoint '{path}' holds a damaged data-order state "
+                              f"({_first_line(err)[:120]}); resume from another checkpoint "
+                              "(--resume-from)") from None
+    # One RNG state per rank (a run resumes with the world size it was saved with).
+    rng = ckpt["rng"]
+    set_rng_state(rng[rank] if isinstance(rng, list) else rng, path)
+    return step
+
+
 def load_checkpoint(path: str | Path, training: bool = False) -> dict:
     """Load a checkpoint safely (weights_only=True: no code runs from the file) and check
     that it is ours and whole: the keys evaluation needs, and with `training=True` the keys

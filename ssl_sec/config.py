@@ -25,8 +25,6 @@ from .data.registry import DATASETS
 from .errors import ConfigError
 from .runtime import PRECISIONS
 
-METHODS = ("simclr", "moco")
-
 
 @dataclass
 class DataConfig:
@@ -292,7 +290,11 @@ def _check_ranges(cfg: Config) -> None:
         need(len(value) == 2 and lo <= value[0] <= value[1] <= hi, key, value,
              f"[low, high] with {lo} <= low <= high <= {hi}")
 
-    choice("method", cfg.method, METHODS)
+    # The registries are the lists of names (imported here: they import this module).
+    from .evaluation.knn import BACKENDS
+    from .methods import METHODS
+
+    choice("method", cfg.method, tuple(METHODS))
     choice("device", cfg.device.split(":")[0], ("auto", "cpu", "cuda"))
     choice("precision", cfg.precision, PRECISIONS)
     need(0 <= cfg.seed <= MAX_SEED, "seed", cfg.seed, f"in [0, {MAX_SEED}] (a 32-bit seed)")
@@ -349,9 +351,6 @@ def _check_ranges(cfg: Config) -> None:
     choice("moco.momentum_schedule", mo.momentum_schedule, ("constant", "cosine"))
     choice("moco.bn_remedy", mo.bn_remedy, ("split", "none"))
     need(mo.bn_splits >= 1, "moco.bn_splits", mo.bn_splits, ">= 1")
-    if cfg.method == "moco" and mo.bn_remedy == "split":
-        need(cfg.optim.batch_size % mo.bn_splits == 0, "moco.bn_splits", mo.bn_splits,
-             f"a divisor of optim.batch_size={cfg.optim.batch_size} (split-BN groups)")
     lo = cfg.loss
     need(lo.temperature > 0, "loss.temperature", lo.temperature, "> 0")
     need(lo.w_infonce >= 0, "loss.w_infonce", lo.w_infonce, ">= 0")
@@ -381,7 +380,8 @@ def _check_ranges(cfg: Config) -> None:
     need(e.knn_every >= 0, "eval.knn_every", e.knn_every, ">= 0")
     need(e.knn_k >= 1, "eval.knn_k", e.knn_k, ">= 1")
     need(e.knn_temperature > 0, "eval.knn_temperature", e.knn_temperature, "> 0")
-    choice("eval.knn_backend", e.knn_backend, ("auto", "faiss", "torch"))
+    choice("eval.knn_backend", e.knn_backend, BACKENDS)
+    METHODS[cfg.method].check_config(cfg, need)
     need(e.knn_memory_mb >= 1, "eval.knn_memory_mb", e.knn_memory_mb, ">= 1")
 
 

@@ -12,6 +12,7 @@ import random
 import sys
 import time
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -21,12 +22,12 @@ from . import config as config_mod
 from . import distributed as dist
 from .augment import EvalTransform, TwoViews, ViewAugment, preview_grid
 from .checkpoint import (
-    FORMAT_VERSION,
     atomic_save,
     load_checkpoint,
+    restore_training_state,
     rng_state,
     save_rotated,
-    set_rng_state,
+    training_state,
 )
 from .config import AugmentConfig, Config, show
 from .data import NORMALIZATION, DeviceLoader, load_splits
@@ -36,10 +37,11 @@ from .errors import CheckpointError, ConfigError, UserError
 from .evaluation.features import Labelled, labelled_features
 from .evaluation.knn import knn_evaluate
 from .methods import build_model
-from .optim import build_optimizer, lr_at, set_lr
+from .optim import build_optimizer, set_lr
 from .preemption import Preempted, StopRequests
 from .run_dir import RunDir, open_run, run_root
 from .runtime import autocast_for, backends, effective_precision, grad_scaler, resolve_device
+from .schedules import lr_at
 
 # Keys that may differ between a run and its resumption: where things are and how often
 # to log or evaluate. Everything else changes the optimisation and must match.
@@ -329,8 +331,8 @@ def _train(cfg: Config, device: torch.device, run: RunDir, progress_bar: bool | 
     # -- resume ------------------------------------------------------------------------------
     step, skipped, result = 0, 0, {}  # skipped: fp16 steps skipped on overflow
     if ckpt is not None:
-        step = _restore(ckpt, run.resume_from, core, optimizer, scaler, loader, rank,
-                        steps_per_epoch, total_steps)
+        step = restore_training_state(ckpt, run.resume_from, core, optimizer, scaler, loader,
+                                      rank, steps_per_epoch, total_steps)
         skipped, result = ckpt.get("skipped_steps", 0), ckpt.get("knn", {})
         say(f"resumed {run.resume_from} at epoch {step // steps_per_epoch}, step {step}"
             + (f" (batch {step % steps_per_epoch} of {steps_per_epoch})"
@@ -361,10 +363,15 @@ def _train(cfg: Config, device: torch.device, run: RunDir, progress_bar: bool | 
             log.tb.add_image("augment/original", preview_grid(eval_transform(sample), *stats), 0)
             log.tb.add_image("augment/view1", preview_grid(view1, *stats), 0)
             log.tb.add_image("augment/view2", preview_grid(view2, *stats), 0)
-    show_bar = sys.stderr.isatty() if progress_bar is None else progress_bar
-    nonfinite = torch.zeros((), dtype=torch.bool, device=device)
-    first_step = True
-    saver = Checkpoints(run, cfg, core, optimizer, scaler, loader, steps_per_epoch, device)
+    t = _Training(cfg=cfg, device=device, run=run, model=model, core=core,
+                  optimizer=optimizer, scaler=scaler, loader=loader, views=views, log=log,
+                  saver=Checkpoints(run, cfg, core, optimizer, scaler, loader, steps_per_epoch,
+                                    device),
+                  steps_per_epoch=steps_per_epoch, total_steps=total_steps,
+                  warmup_steps=warmup_steps, t_start=t_start,
+                  show_bar=sys.stderr.isatty() if progress_bar is None else progress_bar,
+                  step=step, skipped=skipped, result=result,
+                  nonfinite=torch.zeros((), dtype=torch.bool, device=device))
 
     # -- loop --------------------------------------------------------------------------------
     model.train()
@@ -373,96 +380,8 @@ def _train(cfg: Config, device: torch.device, run: RunDir, progress_bar: bool | 
                                                                  start_epoch + max_epochs)
     with StopRequests() as stops:
         for epoch in range(start_epoch, end_epoch):
-            first = step - epoch * steps_per_epoch  # batches a mid-epoch checkpoint had done
-            loader.set_epoch(epoch, start=first)
-            timer = EpochTimer(device)
-            t_log, n_log = timer.start, 0
-            bar = _bar(steps_per_epoch, epoch, cfg.optim.epochs, show_bar, first)
-            lines = None if bar is not None else ProgressLines(epoch, cfg.optim.epochs,
-                                                               steps_per_epoch, first)
-            for i, (*images, _) in enumerate(loader, start=first):
-                lr = lr_at(step, total_steps, warmup_steps, cfg.optim.lr, cfg.optim.min_lr_ratio)
-                set_lr(optimizer, lr)
-                progress = step / max(total_steps - 1, 1)
-                v1, v2 = make_views(views, *images)
-                log_now = (step + 1) % cfg.log_every == 0 or (step + 1) % steps_per_epoch == 0
-                if first_step and log is not None:
-                    # The first batch is here and the model built: the start-up a user waits
-                    # through (index, workers, decoding in memory mode), in wall-clock time.
-                    log.scalars(step + 1, {"perf/first_step_unix_time": time.time(),
-                                           "perf/seconds_to_first_step":
-                                           time.perf_counter() - t_start}, "start")
-                    first_step = False
-                terms, stepped = optimize_step(model, v1, v2, optimizer, scaler, cfg, progress,
-                                               log_now)
-                # Finite-loss guard without a host sync per step: remember, check at log time.
-                nonfinite |= ~torch.isfinite(terms.losses["total"])
-                step += 1
-                n_log += images[0].shape[0]
-                if not stepped:
-                    skipped += 1
-                    if skipped <= 20 or skipped % 100 == 0:
-                        say(f"step {step}: fp16 gradients overflowed, optimizer step skipped "
-                            f"(loss scale now {scaler.get_scale():g}; {skipped} skipped so far)")
-                if bar is not None:
-                    bar.update(1)
-                if log_now:
-                    _check_finite(nonfinite, step, run)
-                    now = time.perf_counter()
-                    values = _step_scalars(terms, lr, world * n_log / max(now - t_log, 1e-9))
-                    if scaler.is_enabled():
-                        values["perf/loss_scale"] = scaler.get_scale()
-                        values["perf/skipped_steps"] = skipped
-                    t_log, n_log = now, 0
-                    if log is not None:
-                        log.scalars(step, values, "train")
-                    if bar is not None:
-                        bar.set_postfix(loss=f"{values['loss/total']:.3f}",
-                                        img_s=f"{values['perf/images_per_s']:.0f}")
-                    if lines is not None and main:
-                        lines.maybe_print(i + 1, step, values, now - timer.start,
-                                          cfg.optim.epochs - epoch - 1)
-                if i + 1 < steps_per_epoch:
-                    save, stop = saver.due(step, stops.signal_name)
-                    if save or stop:
-                        _check_finite(nonfinite | ~_weights_finite(core), step, run)
-                        saver.save(step, result, skipped)
-                    if stop:
-                        raise Preempted(saver.stopped_message(stop, step))
-            if bar is not None:
-                bar.close()
-            epoch_s = timer.seconds()
-            if terms.norms is not None and log is not None:
-                log.tb.add_histogram("norm/hist", terms.norms.float().cpu(), step)
-            epoch_done = epoch + 1
-            eta_s = epoch_s * (cfg.optim.epochs - epoch_done)
-            line = (f"epoch {epoch_done}/{cfg.optim.epochs}  loss {values['loss/total']:.4f}  "
-                    f"{epoch_s:.1f} s  "
-                    f"{(steps_per_epoch - first) * cfg.optim.batch_size / epoch_s:.0f} img/s"
-                    f"  ETA {eta_s / 60:.1f} min")
-            _, stop = saver.due(step, stops.signal_name, epoch_end=True)
-            last = epoch_done == cfg.optim.epochs
-            every = cfg.eval.knn_every
-            if main:
-                log.scalars(step, {"perf/epoch_seconds": epoch_s,
-                                   "perf/epoch_wall_seconds": time.perf_counter() - timer.start},
-                            "epoch")
-            if main and not stop and (last or (every and epoch_done % every == 0)):
-                # (Skipped when stopping: the grace period is for the checkpoint.)
-                t0 = time.perf_counter()
-                acc = knn_monitor(core.backbone, bank, test, eval_transform, cfg, device)
-                knn_s = time.perf_counter() - t0
-                log.scalars(step, {"knn/top1": acc["top1"], "knn/top5": acc["top5"],
-                                   "perf/knn_seconds": knn_s}, "knn")
-                line += f"  kNN top-1 {acc['top1']:.2f}  top-5 {acc['top5']:.2f} ({knn_s:.1f} s)"
-                result = {"epoch": epoch_done, "step": step, **acc}
-            say(line)
-            # -- checkpoint (after the kNN pass, which uses no randomness) --------------------
-            _check_finite(nonfinite | ~_weights_finite(core), step, run)
-            saver.save(step, result, skipped,
-                       snapshot=bool(cfg.ckpt_every and epoch_done % cfg.ckpt_every == 0))
-            if stop:
-                raise Preempted(saver.stopped_message(stop, step))
+            done = _train_epoch(t, epoch, stops)
+            _end_epoch(t, epoch, done, stops, (bank, test, eval_transform))
     if log is not None:
         log.close()
     if ckpt is not None and start_epoch >= cfg.optim.epochs:
@@ -470,39 +389,153 @@ def _train(cfg: Config, device: torch.device, run: RunDir, progress_bar: bool | 
     elif end_epoch < cfg.optim.epochs:
         say(f"stopped after epoch {end_epoch} of {cfg.optim.epochs} as asked; continue with --resume")
     summary = {"run_dir": str(run.root), "checkpoint": str(run.last),
-               "knn_k": result.get("k", cfg.eval.knn_k),
-               "knn_temperature": cfg.eval.knn_temperature, **result}
+               "knn_k": t.result.get("k", cfg.eval.knn_k),
+               "knn_temperature": cfg.eval.knn_temperature, **t.result}
     if main:
         (run.root / "result.json").write_text(json.dumps(summary, indent=2) + "\n")
     return summary
 
 
-def _restore(ckpt: dict, path: Path, core: torch.nn.Module, optimizer, scaler, loader,
-             rank: int, steps_per_epoch: int, total_steps: int) -> int:
-    """Put the training state of `ckpt` back; returns its step."""
-    step, batch = ckpt["step"], ckpt["batch_in_epoch"]
-    if not 0 <= step <= total_steps or batch != step % steps_per_epoch:
-        raise CheckpointError(f"checkpoint '{path}' is at step {step} (batch {batch} of its "
-                              f"epoch), which does not fit this run's {steps_per_epoch} steps "
-                              "per epoch; resume with the data it was trained on")
-    try:
-        core.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        scaler.load_state_dict(ckpt["scaler"])
-    except (RuntimeError, ValueError, KeyError, TypeError) as err:
-        raise CheckpointError(f"checkpoint '{path}' does not fit this model "
-                              f"({str(err).splitlines()[0][:160]})") from None
-    try:
-        # A mid-epoch checkpoint holds the state that drew its epoch's order.
-        loader.generator.set_state(ckpt["loader_rng"])
-    except (RuntimeError, TypeError, ValueError) as err:
-        raise CheckpointError(f"checkpoint '{path}' holds a damaged data-order state "
-                              f"({str(err).splitlines()[0][:120]}); resume from another "
-                              "checkpoint (--resume-from)") from None
-    # One RNG state per rank (a run resumes with the world size it was saved with).
-    rng = ckpt["rng"]
-    set_rng_state(rng[rank] if isinstance(rng, list) else rng, path)
-    return step
+@dataclass
+class _Training:
+    """What the epochs read (the parts, the schedule) and update (the running state)."""
+
+    cfg: Config
+    device: torch.device
+    run: RunDir
+    model: torch.nn.Module  # DDP-wrapped when there are several processes
+    core: torch.nn.Module  # the method itself
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler
+    loader: object
+    views: torch.nn.Module
+    log: Logger | None
+    saver: Checkpoints
+    steps_per_epoch: int
+    total_steps: int
+    warmup_steps: int
+    t_start: float
+    show_bar: bool
+    step: int
+    skipped: int  # fp16 steps skipped on overflow
+    result: dict  # the last kNN result
+    nonfinite: torch.Tensor  # a NaN/inf loss since the last check
+    first_step: bool = True
+
+
+@dataclass
+class _EpochDone:
+    """What the end of an epoch reports: the last step's terms and logged values."""
+
+    first: int  # batches done before this invocation (a mid-epoch resume)
+    timer: EpochTimer
+    terms: object
+    values: dict
+
+
+def _train_epoch(t: _Training, epoch: int, stops: StopRequests) -> _EpochDone:
+    """The steps of one epoch (from a mid-epoch checkpoint's batch on), with logging,
+    finite-loss checks and mid-epoch checkpoints; a stop signal ends it after a checkpoint."""
+    cfg, world = t.cfg, dist.world_size()
+    first = t.step - epoch * t.steps_per_epoch  # batches a mid-epoch checkpoint had done
+    t.loader.set_epoch(epoch, start=first)
+    timer = EpochTimer(t.device)
+    t_log, n_log = timer.start, 0
+    bar = _bar(t.steps_per_epoch, epoch, cfg.optim.epochs, t.show_bar, first)
+    lines = None if bar is not None else ProgressLines(epoch, cfg.optim.epochs,
+                                                       t.steps_per_epoch, first)
+    for i, (*images, _) in enumerate(t.loader, start=first):
+        lr = lr_at(t.step, t.total_steps, t.warmup_steps, cfg.optim.lr, cfg.optim.min_lr_ratio)
+        set_lr(t.optimizer, lr)
+        progress = t.step / max(t.total_steps - 1, 1)
+        v1, v2 = make_views(t.views, *images)
+        log_now = (t.step + 1) % cfg.log_every == 0 or (t.step + 1) % t.steps_per_epoch == 0
+        if t.first_step and t.log is not None:
+            # The first batch is here and the model built: the start-up a user waits
+            # through (index, workers, decoding in memory mode), in wall-clock time.
+            t.log.scalars(t.step + 1, {"perf/first_step_unix_time": time.time(),
+                                       "perf/seconds_to_first_step":
+                                       time.perf_counter() - t.t_start}, "start")
+            t.first_step = False
+        terms, stepped = optimize_step(t.model, v1, v2, t.optimizer, t.scaler, cfg, progress,
+                                       log_now)
+        # Finite-loss guard without a host sync per step: remember, check at log time.
+        t.nonfinite |= ~torch.isfinite(terms.losses["total"])
+        t.step += 1
+        n_log += images[0].shape[0]
+        if not stepped:
+            t.skipped += 1
+            if t.skipped <= 20 or t.skipped % 100 == 0:
+                say(f"step {t.step}: fp16 gradients overflowed, optimizer step skipped "
+                    f"(loss scale now {t.scaler.get_scale():g}; {t.skipped} skipped so far)")
+        if bar is not None:
+            bar.update(1)
+        if log_now:
+            _check_finite(t.nonfinite, t.step, t.run)
+            now = time.perf_counter()
+            values = _step_scalars(terms, lr, world * n_log / max(now - t_log, 1e-9))
+            if t.scaler.is_enabled():
+                values["perf/loss_scale"] = t.scaler.get_scale()
+                values["perf/skipped_steps"] = t.skipped
+            t_log, n_log = now, 0
+            if t.log is not None:
+                t.log.scalars(t.step, values, "train")
+            if bar is not None:
+                bar.set_postfix(loss=f"{values['loss/total']:.3f}",
+                                img_s=f"{values['perf/images_per_s']:.0f}")
+            if lines is not None and dist.is_main():
+                lines.maybe_print(i + 1, t.step, values, now - timer.start,
+                                  cfg.optim.epochs - epoch - 1)
+        if i + 1 < t.steps_per_epoch:
+            save, stop = t.saver.due(t.step, stops.signal_name)
+            if save or stop:
+                _check_finite(t.nonfinite | ~_weights_finite(t.core), t.step, t.run)
+                t.saver.save(t.step, t.result, t.skipped)
+            if stop:
+                raise Preempted(t.saver.stopped_message(stop, t.step))
+    if bar is not None:
+        bar.close()
+    # The epoch's last step always logs, so `values` holds its scalars.
+    return _EpochDone(first, timer, terms, values)
+
+
+def _end_epoch(t: _Training, epoch: int, done: _EpochDone, stops: StopRequests,
+               monitor: tuple) -> None:
+    """The epoch line, the kNN monitor when due, the checkpoint; a stop signal that came
+    during the epoch stops the run here (after the checkpoint, without the kNN pass)."""
+    cfg, main = t.cfg, dist.is_main()
+    epoch_s = done.timer.seconds()
+    if done.terms.norms is not None and t.log is not None:
+        t.log.tb.add_histogram("norm/hist", done.terms.norms.float().cpu(), t.step)
+    epoch_done = epoch + 1
+    eta_s = epoch_s * (cfg.optim.epochs - epoch_done)
+    line = (f"epoch {epoch_done}/{cfg.optim.epochs}  loss {done.values['loss/total']:.4f}  "
+            f"{epoch_s:.1f} s  "
+            f"{(t.steps_per_epoch - done.first) * cfg.optim.batch_size / epoch_s:.0f} img/s"
+            f"  ETA {eta_s / 60:.1f} min")
+    _, stop = t.saver.due(t.step, stops.signal_name, epoch_end=True)
+    every = cfg.eval.knn_every
+    if main:
+        t.log.scalars(t.step, {"perf/epoch_seconds": epoch_s,
+                               "perf/epoch_wall_seconds": time.perf_counter() - done.timer.start},
+                      "epoch")
+    if main and not stop and (epoch_done == cfg.optim.epochs
+                              or (every and epoch_done % every == 0)):
+        bank, test, eval_transform = monitor
+        t0 = time.perf_counter()
+        acc = knn_monitor(t.core.backbone, bank, test, eval_transform, cfg, t.device)
+        knn_s = time.perf_counter() - t0
+        t.log.scalars(t.step, {"knn/top1": acc["top1"], "knn/top5": acc["top5"],
+                               "perf/knn_seconds": knn_s}, "knn")
+        line += f"  kNN top-1 {acc['top1']:.2f}  top-5 {acc['top5']:.2f} ({knn_s:.1f} s)"
+        t.result = {"epoch": epoch_done, "step": t.step, **acc}
+    say(line)
+    # The checkpoint comes after the kNN pass, which uses no randomness.
+    _check_finite(t.nonfinite | ~_weights_finite(t.core), t.step, t.run)
+    t.saver.save(t.step, t.result, t.skipped,
+                 snapshot=bool(cfg.ckpt_every and epoch_done % cfg.ckpt_every == 0))
+    if stop:
+        raise Preempted(t.saver.stopped_message(stop, t.step))
 
 
 class Checkpoints:
@@ -539,18 +572,9 @@ class Checkpoints:
     def save(self, step: int, result: dict, skipped: int, snapshot: bool = False) -> None:
         rng_states = dist.gather_objects(rng_state())
         if dist.is_main():
-            batch = step % self.steps_per_epoch
-            state = {
-                "format": "ssl_sec", "format_version": FORMAT_VERSION,
-                "config": config_mod.to_dict(self.cfg), "epoch": step // self.steps_per_epoch,
-                "batch_in_epoch": batch, "step": step, "world_size": len(rng_states),
-                "model": self.core.state_dict(), "optimizer": self.optimizer.state_dict(),
-                "scaler": self.scaler.state_dict(),
-                # Mid-epoch: the state that drew this epoch's order (replayed on resume, the
-                # done batches skipped); at an epoch end: the state that draws the next.
-                "loader_rng": self.loader.epoch_state if batch else self.loader.generator.get_state(),
-                "rng": rng_states, "knn": result, "skipped_steps": skipped,
-            }
+            state = training_state(config_mod.to_dict(self.cfg), step, self.steps_per_epoch,
+                                   self.core, self.optimizer, self.scaler, self.loader,
+                                   rng_states, result, skipped)
             save_rotated(state, self.run.last, self.run.prev)
             if snapshot:
                 atomic_save(state, self.run.root / f"epoch{state['epoch']:04d}.pt")
@@ -571,7 +595,7 @@ def _wrap_distributed(model: torch.nn.Module, cfg: Config, device: torch.device)
     At world size 1 the model is returned as it is."""
     if dist.world_size() == 1:
         return model
-    if cfg.method == "simclr" and device.type == "cuda":
+    if model.sync_bn and device.type == "cuda":
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
     ids = [device.index] if device.type == "cuda" else None
     # Buffers (queue, SEC mu, BN stats) are kept equal by construction; no broadcast needed.

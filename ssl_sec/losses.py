@@ -21,11 +21,11 @@ from torch import nn
 
 from .config import LossConfig
 from .distributed import all_reduce_mean, gather_with_grad, rank, world_size
+from .schedules import sec_weight
 
 __all__ = ["Objective", "Similarities", "Terms", "circle_contrastive", "circle_from",
            "circle_logits", "circle_queue", "contrastive_losses", "info_nce", "info_nce_from",
-           "moco_info_nce", "pairwise_similarities", "queue_similarities", "sec_loss",
-           "sec_weight"]
+           "moco_info_nce", "pairwise_similarities", "queue_similarities", "sec_loss"]
 
 
 @dataclass
@@ -337,15 +337,6 @@ class _SecLoss(torch.autograd.Function):
         z, norms, dev = ctx.saved_tensors
         scale = torch.where(norms > 0, dev / norms, 0.0) * (2.0 / norms.shape[0]) * grad
         return z * scale[:, None], None, None
-
-
-def sec_weight(eta: float, ramp: str, progress: float) -> float:
-    """eta(t): constant, or linear from 0 to eta over the run (progress in [0, 1])."""
-    if ramp == "constant":
-        return eta
-    if ramp == "linear":
-        return eta * min(max(progress, 0.0), 1.0)
-    raise ValueError(f"unknown SEC ramp {ramp!r}")
 
 
 @dataclass

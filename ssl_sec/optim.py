@@ -1,9 +1,7 @@
-"""Optimizers (SGD, LARS) with no weight decay on biases and norm parameters, and the
-warmup + cosine learning-rate schedule as a pure function of the global step."""
+"""Optimizers (SGD, LARS) with no weight decay on biases and norm parameters (the schedule
+that sets their learning rate is in ssl_sec/schedules.py)."""
 
 from __future__ import annotations
-
-import math
 
 import torch
 from torch import nn
@@ -82,17 +80,6 @@ def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer
     for g in groups:
         g.pop("lars_exclude")
     return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum)
-
-
-def lr_at(step: int, total_steps: int, warmup_steps: int, base_lr: float,
-          min_lr_ratio: float = 0.0) -> float:
-    """Linear warmup from 0 to base_lr, then cosine decay to min_lr_ratio * base_lr."""
-    if step < warmup_steps:
-        return base_lr * (step + 1) / warmup_steps
-    span = max(total_steps - warmup_steps, 1)
-    progress = min((step - warmup_steps) / span, 1.0)
-    floor = base_lr * min_lr_ratio
-    return floor + (base_lr - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
 def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:

@@ -20,7 +20,6 @@ from ssl_sec.data import (
     NORMALIZATION,
     DeviceLoader,
     ImageSet,
-    iterate_chunks,
     load_cifar,
     load_dataset,
     load_imagefolder,
@@ -60,7 +59,7 @@ def test_cifar10_train(c10_train: ImageSet) -> None:
 def test_cifar10_normalization_matches_pixels(c10_train: ImageSet) -> None:
     total = torch.zeros(3, dtype=torch.float64)
     squares = torch.zeros(3, dtype=torch.float64)
-    for chunk in iterate_chunks(c10_train.images, 5000):
+    for chunk in c10_train.images.split(5000):
         x = chunk.double().div_(255)
         total += x.sum((0, 2, 3))
         squares += x.square().sum((0, 2, 3))
@@ -338,13 +337,6 @@ def test_device_loader_rejects_oversized_batch() -> None:
     assert len(DeviceLoader(images, labels, batch_size=6, drop_last=False)) == 1
     with pytest.raises(ConfigError):
         DeviceLoader(images, labels, batch_size=0)
-
-
-def test_iterate_chunks_keeps_partial_batch() -> None:
-    images, _ = _indexed(23)
-    chunks = list(iterate_chunks(images, 10))
-    assert [c.shape[0] for c in chunks] == [10, 10, 3]
-    assert torch.equal(torch.cat(chunks), images)
 
 
 def test_splits_separate_pretraining_bank_and_test() -> None:

@@ -8,6 +8,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from helpers import queue_keys
 from torch import nn
 
 from ssl_sec.config import LossConfig, from_dict
@@ -66,7 +67,7 @@ def _worker(rank, world, init_file, out_dir):
     from ssl_sec.distributed import gather
 
     moco.enqueue(gather(keys))
-    torch.save({"losses": values, "grads": grads, "queue": moco.queue_keys()},
+    torch.save({"losses": values, "grads": grads, "queue": queue_keys(moco)},
                os.path.join(out_dir, f"rank{rank}.pt"))
     dist.destroy_process_group()
 

@@ -29,8 +29,9 @@ from ssl_sec.engine import (
 )
 from ssl_sec.evaluation.knn import knn_classify
 from ssl_sec.evaluation.linear import linear_command
-from ssl_sec.optim import build_optimizer, lr_at, set_lr
+from ssl_sec.optim import build_optimizer, set_lr
 from ssl_sec.runtime import grad_scaler
+from ssl_sec.schedules import lr_at
 
 pytestmark = pytest.mark.gpu
 

@@ -8,7 +8,8 @@ import torch.nn.functional as F
 from lightly.loss import NTXentLoss
 
 from ssl_sec.config import LossConfig
-from ssl_sec.losses import Objective, info_nce, pairwise_similarities, sec_loss, sec_weight
+from ssl_sec.losses import Objective, info_nce, pairwise_similarities, sec_loss
+from ssl_sec.schedules import sec_weight
 
 
 def info_nce_loop(z1: torch.Tensor, z2: torch.Tensor, t: float) -> float:

@@ -3,14 +3,15 @@
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import queue_keys
 
 from ssl_sec.checkpoint import load_checkpoint
 from ssl_sec.config import from_dict
 from ssl_sec.engine import train
 from ssl_sec.losses import circle_queue, moco_info_nce
 from ssl_sec.methods import MoCo
-from ssl_sec.methods.moco import momentum_at
 from ssl_sec.models import SplitBatchNorm
+from ssl_sec.schedules import momentum_at
 
 TINY = ["method=moco", "model.cifar_stem=false", "model.proj_hidden_dim=32",
         "model.proj_output_dim=8", "optim.batch_size=8", "moco.bn_splits=2"]
@@ -34,7 +35,7 @@ def test_queue_holds_last_k_keys_in_order_with_wraparound():
         model.enqueue(keys)
         pushed.append(keys)
         expected = torch.cat(pushed)[-20:]
-        torch.testing.assert_close(model.queue_keys(), expected, rtol=0, atol=0)
+        torch.testing.assert_close(queue_keys(model), expected, rtol=0, atol=0)
     assert int(model.queue_len) == 20 and int(model.queue_ptr) == 40 % 20
 
 

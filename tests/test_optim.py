@@ -7,7 +7,8 @@ import torch
 from torch import nn
 
 from ssl_sec.config import OptimConfig
-from ssl_sec.optim import LARS, build_optimizer, lr_at, param_groups
+from ssl_sec.optim import LARS, build_optimizer, param_groups
+from ssl_sec.schedules import lr_at
 
 
 def test_no_weight_decay_on_bias_and_norm():

@@ -3,7 +3,7 @@ registry of dataset names, the splits a run reads, and batching."""
 
 from ssl_sec.data.cifar import ImageSet, load_cifar, resolve_root
 from ssl_sec.data.imagefolder import load_imagefolder
-from ssl_sec.data.loader import DeviceLoader, iterate_chunks
+from ssl_sec.data.loader import DeviceLoader
 from ssl_sec.data.registry import DATASETS, NORMALIZATION, DatasetSpec, dataset_spec, load_dataset
 from ssl_sec.data.splits import Splits, class_names, load_splits
 
@@ -16,7 +16,6 @@ __all__ = [
     "Splits",
     "class_names",
     "dataset_spec",
-    "iterate_chunks",
     "load_cifar",
     "load_dataset",
     "load_imagefolder",

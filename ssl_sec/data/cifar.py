@@ -79,12 +79,6 @@ class ImageSet:
     def num_classes(self) -> int:
         return len(self.classes)
 
-    def to(self, device: torch.device | str) -> ImageSet:
-        """The same set with images and labels on ``device`` (e.g. the whole of CIFAR on the GPU)."""
-        return ImageSet(
-            self.images.to(device), self.labels.to(device), list(self.classes), self.name
-        )
-
     def subset(self, indices: Sequence[int] | torch.Tensor) -> ImageSet:
         """The samples at ``indices`` (ints, or a boolean mask of length N), in that order."""
         idx = torch.as_tensor(indices, device=self.images.device)

@@ -14,7 +14,7 @@ import torch
 
 from ssl_sec.errors import ConfigError
 
-__all__ = ["DeviceLoader", "iterate_chunks"]
+__all__ = ["DeviceLoader", "epoch_order", "rank_batches"]
 
 
 class DeviceLoader:
@@ -131,14 +131,3 @@ def rank_batches(order: torch.Tensor, batch_size: int, n_batches: int,
             share = len(idx) // world
             idx = idx[rank * share : (rank + 1) * share]
         yield idx
-
-
-def iterate_chunks(images: torch.Tensor, batch_size: int) -> Iterator[torch.Tensor]:
-    """Consecutive slices ``images[i : i + batch_size]`` in order, the last one partial.
-
-    For evaluation (feature extraction): no shuffling, nothing dropped, no copies.
-    """
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size <= 0:
-        raise ConfigError(f"iterate_chunks: batch_size must be a positive int, got {batch_size!r}")
-    for start in range(0, int(images.shape[0]), batch_size):
-        yield images[start : start + batch_size]

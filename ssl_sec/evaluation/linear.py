@@ -36,8 +36,9 @@ from ..config import Config, LinearConfig, LinearOptimConfig, load_linear_recipe
 from ..data import NORMALIZATION, load_splits
 from ..data.stream import CropStream, StreamLoader, StreamSet
 from ..errors import ConfigError
-from ..optim import lr_at, set_lr
+from ..optim import set_lr
 from ..runtime import autocast_for, resolve_device
+from ..schedules import lr_at, step_decay
 from .commands import (
     backbone_from_checkpoint,
     cache_dir_for,
@@ -94,8 +95,7 @@ def lr_for(cfg: LinearOptimConfig, step: int, total_steps: int, steps_per_epoch:
     """Cosine per step to 0, or step decay by `gamma` at each milestone epoch."""
     if cfg.schedule == "cosine":
         return lr_at(step, total_steps, 0, cfg.lr)
-    epoch = step // steps_per_epoch
-    return cfg.lr * cfg.gamma ** sum(epoch >= m for m in cfg.milestones)
+    return step_decay(cfg.lr, step // steps_per_epoch, cfg.milestones, cfg.gamma)
 
 
 @torch.no_grad()

@@ -6,8 +6,6 @@ enqueues this step's keys. Nothing is updated inside `forward`'s autograd graph.
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -16,16 +14,14 @@ from ..config import Config
 from ..distributed import gather
 from ..losses import Objective, Similarities, Terms, queue_similarities
 from ..models import Encoder, convert_split_bn, ema_update, momentum_copy
-
-
-def momentum_at(base: float, schedule: str, progress: float) -> float:
-    """Constant m, or m cosine-increased to 1 over the run (BYOL, solo-learn)."""
-    if schedule == "constant":
-        return base
-    return 1.0 - (1.0 - base) * (math.cos(math.pi * min(max(progress, 0.0), 1.0)) + 1.0) / 2.0
+from ..schedules import momentum_at
 
 
 class MoCo(nn.Module):
+    """A `Method` (ssl_sec/methods/base.py)."""
+
+    sync_bn = False  # per-process split-BN is MoCo's remedy for the BN leak
+
     def __init__(self, cfg: Config):
         super().__init__()
         m = cfg.moco
@@ -46,6 +42,13 @@ class MoCo(nn.Module):
     @property
     def backbone(self) -> nn.Module:
         return self.encoder.backbone
+
+    @staticmethod
+    def check_config(cfg: Config, need) -> None:
+        if cfg.moco.bn_remedy == "split":
+            need(cfg.optim.batch_size % cfg.moco.bn_splits == 0, "moco.bn_splits",
+                 cfg.moco.bn_splits, f"a divisor of optim.batch_size={cfg.optim.batch_size} "
+                 "(split-BN groups)")
 
     @torch.no_grad()
     def _keys(self, v: torch.Tensor) -> torch.Tensor:
@@ -107,11 +110,3 @@ class MoCo(nn.Module):
         self.queue[idx] = keys.to(self.queue.dtype)
         self.queue_ptr.copy_((self.queue_ptr + keys.shape[0]) % size)
         self.queue_len.copy_(torch.clamp(self.queue_len + keys.shape[0], max=size))
-
-    @torch.no_grad()
-    def queue_keys(self) -> torch.Tensor:
-        """The stored keys, oldest first. Shape (min(steps * B, K), d)."""
-        n = int(self.queue_len)
-        if n < self.queue.shape[0]:
-            return self.queue[:n].clone()
-        return torch.roll(self.queue, -int(self.queue_ptr), dims=0)

@@ -11,6 +11,10 @@ from ..models import Encoder
 
 
 class SimCLR(nn.Module):
+    """A `Method` (ssl_sec/methods/base.py)."""
+
+    sync_bn = True  # BN over the global batch, as SimCLR's global BN
+
     def __init__(self, cfg: Config):
         super().__init__()
         self.sec_on = cfg.loss.sec_on
@@ -31,6 +35,10 @@ class SimCLR(nn.Module):
         sims = pairwise_similarities(z1, z2)
         return self.objective(sims, z, z if self.sec_on == "projector" else h, progress,
                               diagnostics)
+
+    @staticmethod
+    def check_config(cfg: Config, need) -> None:
+        """Nothing beyond the shared checks."""
 
     def after_step(self, progress: float) -> None:
         """SimCLR has no momentum encoder or queue: nothing to update after the optimizer."""
