@@ -64,7 +64,7 @@ missing=$("$PY" - <<'EOF'
 import importlib.util
 need = {"kornia": "kornia>=0.9,<0.11", "lightly": "lightly>=1.5", "faiss": "faiss-cpu>=1.8",
         "yaml": "pyyaml>=6.0", "tqdm": "tqdm>=4.60", "tensorboard": "tensorboard>=2.14",
-        "pytest": "pytest>=7", "sklearn": "scikit-learn>=1.3"}
+        "pytest": "pytest>=7", "sklearn": "scikit-learn>=1.3", "safetensors": "safetensors>=0.4"}
 print(" ".join(spec for module, spec in need.items() if importlib.util.find_spec(module) is None))
 EOF
 )

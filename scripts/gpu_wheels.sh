@@ -41,7 +41,7 @@ mkdir -p "$DIR"
 # Versions the test suite runs with. hydra-core/omegaconf/antlr4 are lightly's needs;
 # kornia-rs is kornia's. --no-deps: torch and torchvision must stay the machine's own.
 BINARY=("kornia==0.9.0" "kornia-rs==0.2.0" "lightly==1.6.0" "hydra-core==1.3.8"
-        "omegaconf==2.3.1" "$FAISS")
+        "omegaconf==2.3.1" "safetensors==0.8.0" "$FAISS")
 PLATFORMS=()
 for tag in manylinux_2_28_x86_64 manylinux_2_27_x86_64 manylinux_2_17_x86_64 manylinux2014_x86_64; do
   PLATFORMS+=(--platform "$tag")
