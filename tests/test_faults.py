@@ -208,8 +208,9 @@ def test_second_run_in_the_same_directory_is_refused(tmp_path, data_root):
     also = _run(tmp_path, "busy", "optim.epochs=50", "--resume")
     assert also.returncode == 2 and "in use" in _last_line(also.stderr)
     # Only the first run's files: one config (its own), one event file, one start row.
-    assert {p.name for p in run_dir.iterdir()} <= {".ssl_sec.lock", "config.yaml", "tb",
-                                                    "metrics.jsonl", "last.pt", "prev.pt"}
+    # (.tmp: a checkpoint the first run is writing at that moment)
+    assert {p.name for p in run_dir.iterdir() if not p.name.endswith(".tmp")} <= {
+        ".ssl_sec.lock", "config.yaml", "tb", "metrics.jsonl", "last.pt", "prev.pt"}
     assert (run_dir / "config.yaml").read_text() == config
     assert len(list((run_dir / "tb").iterdir())) == 1
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
