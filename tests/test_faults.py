@@ -307,7 +307,9 @@ def test_two_nodes_sigterm_and_exact_resume_same_world_size_only(tmp_path, data_
     errs = [p.communicate(timeout=300)[1] for p in procs]
     assert "ssl-sec: stopped by SIGTERM at step" in errs[0] + errs[1], errs[0][-2000:]
     cut = load_checkpoint(tmp_path / "cut" / "last.pt", training=True)
-    assert 2 <= cut["step"] < STEPS and len(cut["rng"]) == 2
+    # (The ranks agree every 10 steps and at epoch ends: here at the end of epoch 1, or of
+    # epoch 2 if the signal came late.)
+    assert cut["step"] >= 2 and len(cut["rng"]) == 2
 
     # Another world size is refused by name; the same one continues exactly.
     one = _run(tmp_path, "cut", "--resume")
