@@ -61,8 +61,9 @@ def build_backbone(arch: str, cifar_stem: bool, image_size: int = 224
     """The backbone of `arch` (random init) and its feature dimension D.
 
     image_size: the input side, for models built for one size (torchvision's ViTs).
+    `arch` and `cifar_stem` come from a validated recipe (config calls `check_arch`).
     """
-    check_arch(arch, cifar_stem)
+    assert not cifar_stem or has_cifar_stem(arch), arch
     if arch.startswith(TIMM):
         net = _timm(arch).create_model(arch[len(TIMM):], pretrained=False, num_classes=0)
         dim = int(net.num_features)

@@ -85,22 +85,28 @@ def save_rotated(state: dict, last: Path, prev: Path) -> None:
     """
 
     def keep_previous() -> None:
-        if not last.is_file():
-            return
-        link = prev.with_name(f".{prev.name}.link.tmp")
-        link.unlink(missing_ok=True)
-        try:
-            os.link(last, link)
-        except OSError:  # a file system without hard links: copy
-            shutil.copy2(last, link)
-        os.replace(link, prev)
+        if last.is_file():
+            link_atomically(last, prev)
 
     atomic_save(state, last, before_replace=keep_previous)
 
 
+def link_atomically(src: Path, dst: Path) -> None:
+    """`dst` becomes the same file as `src` (a hard link; a copy where the file system has
+    none), replacing any `dst` atomically. Checkpoints are never modified in place, only
+    replaced by rename, so a link keeps its content."""
+    tmp = dst.with_name(f".{dst.name}.link.tmp")
+    tmp.unlink(missing_ok=True)
+    try:
+        os.link(src, tmp)
+    except OSError:
+        shutil.copy2(src, tmp)
+    os.replace(tmp, dst)
+
+
 def stale_temp_files(folder: Path) -> list[Path]:
-    """Temp files of checkpoint writes a killed process never finished."""
-    return sorted(folder.glob(".*.pt.*.tmp")) + sorted(folder.glob(".*.pt.link.tmp"))
+    """Temp files of checkpoint writes (and links) a killed process never finished."""
+    return sorted(folder.glob(".*.pt.*.tmp"))
 
 
 def _fsync_dir(folder: Path) -> None:

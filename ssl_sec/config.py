@@ -278,13 +278,17 @@ def _plain_name(name: str) -> bool:
             and not any(ord(c) < 32 for c in name))
 
 
-def _check_ranges(cfg: Config) -> None:
-    def need(ok: bool, key: str, value: Any, rule: str) -> None:
-        if not ok:
-            raise ConfigError(f"{key}={show(value)} is out of range: it must be {rule}")
+def _need(ok: bool, key: str, value: Any, rule: str) -> None:
+    if not ok:
+        raise ConfigError(f"{key}={show(value)} is out of range: it must be {rule}")
 
-    def choice(key: str, value: Any, options: tuple) -> None:
-        need(value in options, key, value, "one of " + ", ".join(map(str, options)))
+
+def _choice(key: str, value: Any, options: tuple) -> None:
+    _need(value in options, key, value, "one of " + ", ".join(map(str, options)))
+
+
+def _check_ranges(cfg: Config) -> None:
+    need, choice = _need, _choice
 
     def pair(key: str, value: list[float], lo: float, hi: float) -> None:
         need(len(value) == 2 and lo <= value[0] <= value[1] <= hi, key, value,
@@ -596,16 +600,8 @@ def _read_yaml(path: Path, example: str) -> dict:
 
 
 # ----------------------------------------------------------------------------- linear recipes
-def _need(ok: bool, key: str, value: Any, rule: str) -> None:
-    if not ok:
-        raise ConfigError(f"{key}={show(value)} is out of range: it must be {rule}")
-
-
 def _check_linear_ranges(cfg: LinearConfig) -> None:
-    need = _need
-
-    def choice(key: str, value: Any, options: tuple) -> None:
-        need(value in options, key, value, "one of " + ", ".join(map(str, options)))
+    need, choice = _need, _choice
 
     choice("mode", cfg.mode, ("full", "features"))
     need(0 <= cfg.seed <= MAX_SEED, "seed", cfg.seed, f"in [0, {MAX_SEED}] (a 32-bit seed)")

@@ -22,7 +22,7 @@ from . import config as config_mod
 from . import distributed as dist
 from .augment import EvalTransform, TwoViews, ViewAugment, preview_grid
 from .checkpoint import (
-    atomic_save,
+    link_atomically,
     load_checkpoint,
     restore_training_state,
     rng_state,
@@ -120,9 +120,7 @@ def _open_run(cfg: Config, resume: bool | str | Path | None) -> RunDir:
 
 
 def _read_resume(run: RunDir, cfg: Config, world: int) -> dict:
-    ckpt = load_checkpoint(run.resume_from, training=True)
-    if not isinstance(ckpt.get("config"), dict) or not ckpt["config"]:
-        raise CheckpointError(f"checkpoint '{run.resume_from}' has no usable config")
+    ckpt = load_checkpoint(run.resume_from, training=True)  # its config is a dict
     for change in check_resume_config(ckpt["config"], cfg):
         say(f"note: resuming with a changed {change} (allowed for this key; the run is "
             "no longer reproducible from its first recipe alone)")
@@ -337,9 +335,10 @@ def _train(cfg: Config, device: torch.device, run: RunDir, progress_bar: bool | 
         say(f"resumed {run.resume_from} at epoch {step // steps_per_epoch}, step {step}"
             + (f" (batch {step % steps_per_epoch} of {steps_per_epoch})"
                if step % steps_per_epoch else ""))
+    recipe = config_mod.to_yaml(cfg)
     if main:
-        (run.root / "config.yaml").write_text(config_mod.to_yaml(cfg))
-    say("config:\n" + config_mod.to_yaml(cfg).rstrip())
+        (run.root / "config.yaml").write_text(recipe)
+    say("config:\n" + recipe.rstrip())
     say(f"run directory: {run.root}  (TensorBoard: tensorboard --logdir {run.root / 'tb'})")
     say(f"device {device} x {world} process(es), {len(splits.pretrain.labels)} pretraining / "
         f"{len(splits.bank.labels)} kNN-bank / {len(splits.test.labels)} test images, "
@@ -489,8 +488,7 @@ def _train_epoch(t: _Training, epoch: int, stops: StopRequests) -> _EpochDone:
         if i + 1 < t.steps_per_epoch:
             save, stop = t.saver.due(t.step, stops.signal_name)
             if save or stop:
-                _check_finite(t.nonfinite | ~_weights_finite(t.core), t.step, t.run)
-                t.saver.save(t.step, t.result, t.skipped)
+                t.saver.save(t.step, t.result, t.skipped, t.nonfinite)
             if stop:
                 raise Preempted(t.saver.stopped_message(stop, t.step))
     if bar is not None:
@@ -531,8 +529,7 @@ def _end_epoch(t: _Training, epoch: int, done: _EpochDone, stops: StopRequests,
         t.result = {"epoch": epoch_done, "step": t.step, **acc}
     say(line)
     # The checkpoint comes after the kNN pass, which uses no randomness.
-    _check_finite(t.nonfinite | ~_weights_finite(t.core), t.step, t.run)
-    t.saver.save(t.step, t.result, t.skipped,
+    t.saver.save(t.step, t.result, t.skipped, t.nonfinite,
                  snapshot=bool(cfg.ckpt_every and epoch_done % cfg.ckpt_every == 0))
     if stop:
         raise Preempted(t.saver.stopped_message(stop, t.step))
@@ -569,15 +566,20 @@ class Checkpoints:
         by_steps = bool(self.cfg.ckpt_every_steps) and step % self.cfg.ckpt_every_steps == 0
         return by_steps or timed, (signal_name if stop else None)
 
-    def save(self, step: int, result: dict, skipped: int, snapshot: bool = False) -> None:
+    def save(self, step: int, result: dict, skipped: int, nonfinite: torch.Tensor,
+             snapshot: bool = False) -> None:
+        """Write last.pt (and epochNNNN.pt when `snapshot`), unless a loss since the last
+        check (`nonfinite`) or a weight is NaN/inf: then stop, the last good file kept."""
+        _check_finite(nonfinite | ~_weights_finite(self.core), step, self.run)
         rng_states = dist.gather_objects(rng_state())
         if dist.is_main():
             state = training_state(config_mod.to_dict(self.cfg), step, self.steps_per_epoch,
                                    self.core, self.optimizer, self.scaler, self.loader,
                                    rng_states, result, skipped)
             save_rotated(state, self.run.last, self.run.prev)
-            if snapshot:
-                atomic_save(state, self.run.root / f"epoch{state['epoch']:04d}.pt")
+            if snapshot:  # the same bytes: a link, not a second write
+                link_atomically(self.run.last,
+                                self.run.root / f"epoch{state['epoch']:04d}.pt")
         self.last_write = time.monotonic()
         dist.barrier()
 

@@ -62,14 +62,19 @@ def backbone_state(ckpt: dict) -> dict[str, torch.Tensor]:
 
 def backbone_from_checkpoint(path: Path, ckpt: dict, cfg: Config) -> nn.Module:
     """The checkpoint's backbone (eval mode, on the CPU)."""
-    backbone, _ = build_backbone(cfg.model.arch, cfg.model.cifar_stem, cfg.augment.size)
+    return _fitted_backbone(path, ckpt, cfg)[0]
+
+
+def _fitted_backbone(path: Path, ckpt: dict, cfg: Config) -> tuple[nn.Module, int]:
+    """The checkpoint's backbone (eval mode, on the CPU) and its feature dimension."""
+    backbone, dim = build_backbone(cfg.model.arch, cfg.model.cifar_stem, cfg.augment.size)
     try:
         backbone.load_state_dict(backbone_state(ckpt))
     except RuntimeError as err:
         raise CheckpointError(f"checkpoint '{path}' does not match model.arch={cfg.model.arch} "
                               f"cifar_stem={cfg.model.cifar_stem} "
                               f"({str(err).splitlines()[0][:120]})") from None
-    return backbone.eval()
+    return backbone.eval(), dim
 
 
 def load_backbone(checkpoint: str | Path, with_projector: bool = False) -> nn.Module:
@@ -109,9 +114,8 @@ def export_backbone(checkpoint: str | Path, fmt: str = "safetensors",
     path = Path(checkpoint)
     ckpt = load_checkpoint(path)
     cfg = checkpoint_config(path, ckpt)
-    backbone_from_checkpoint(path, ckpt, cfg)  # the weights fit the architecture
+    _, dim = _fitted_backbone(path, ckpt, cfg)  # the weights fit the architecture
     arch, state = cfg.model.arch, backbone_state(ckpt)
-    _, dim = build_backbone(arch, cfg.model.cifar_stem, cfg.augment.size)
     library = "timm" if arch.startswith(TIMM) else "torchvision"
     if fmt == "timm" and library == "torchvision" and not has_cifar_stem(arch):
         raise UserError(f"--format timm: timm key names are known for ResNet-family and timm: "

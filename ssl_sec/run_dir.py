@@ -98,6 +98,16 @@ def open_run(out_dir: str, name: str, resume: str | Path | None) -> RunDir:
     return run
 
 
+def _without_last(run: RunDir) -> str:
+    """How to go on in a run directory without last.pt."""
+    if run.prev.is_file():
+        return f"continue from prev.pt with --resume-from {run.prev}"
+    if (run.root / "config.yaml").is_file():
+        return ("the run stopped before its first checkpoint: start it again without "
+                "--resume (the directory is reused)")
+    return "start the run without --resume, or set out_dir/name to the run to continue"
+
+
 def _check_place(out_dir: Path, root: Path) -> None:
     if out_dir.exists() and not out_dir.is_dir():
         raise UserError(f"out_dir '{out_dir}' is a file, not a folder; set out_dir to a folder")
@@ -121,18 +131,13 @@ def _decide(run: RunDir, resume: str | Path | None) -> None:
     has_last = run.last.is_file()
     if resume == "auto":
         resume = "last" if has_last else None
-        if has_last is False and run.prev.is_file():
-            raise CheckpointError(f"run '{run.root}' has prev.pt but no last.pt; continue "
-                                  f"from it with --resume-from {run.prev}")
+        if not has_last and run.prev.is_file():
+            raise CheckpointError(f"run '{run.root}' has prev.pt but no last.pt; "
+                                  f"{_without_last(run)}")
     if resume == "last":
         if not has_last:
-            hint = (f"continue from prev.pt with --resume-from {run.prev}" if run.prev.is_file()
-                    else "the run stopped before its first checkpoint: start it again "
-                    "without --resume (the directory is reused)"
-                    if (run.root / "config.yaml").is_file()
-                    else "start the run without --resume, or set out_dir/name to the run "
-                    "to continue")
-            raise CheckpointError(f"--resume: no checkpoint at '{run.last}'; {hint}")
+            raise CheckpointError(f"--resume: no checkpoint at '{run.last}'; "
+                                  f"{_without_last(run)}")
         run.resume_from = run.last
         return
     if resume is not None:

@@ -118,26 +118,24 @@ def build_index(folder: str | os.PathLike[str], classes_file: str | os.PathLike[
     paths, labels, classes = list_images(base, classes_file)
     cache_path = _cache_path(base, cache_fallback)
     cached = _read_cache(cache_path)
-    stats = {}
-    for p in paths:
-        st = p.stat()
-        stats[p] = (st.st_size, st.st_mtime_ns)
 
     def entry(p: Path) -> list:
-        rel = str(p.relative_to(base))
-        old = cached.get(rel)
-        if old is not None and tuple(old[:2]) == stats[p]:
+        st = p.stat()
+        stat = (st.st_size, st.st_mtime_ns)
+        old = cached.get(str(p.relative_to(base)))
+        if old is not None and tuple(old[:2]) == stat:
             return old
         try:
-            return [*stats[p], *probe(p), None]
+            return [*stat, *probe(p), None]
         except DataError as err:
-            return [*stats[p], 0, 0, "", "", str(err)]
+            return [*stat, 0, 0, "", "", str(err)]
 
-    # Opening a header is mostly waiting on the disk: threads overlap it.
+    # Stats and header reads are mostly waiting on the disk: threads overlap them.
     with ThreadPoolExecutor(max_workers=threads or min(32, (os.cpu_count() or 1) * 4)) as pool:
         entries = list(pool.map(entry, paths))
-    _write_cache(cache_path, {str(p.relative_to(base)): e for p, e in zip(paths, entries,
-                                                                          strict=True)})
+    fresh = {str(p.relative_to(base)): e for p, e in zip(paths, entries, strict=True)}
+    if fresh != cached:  # (unchanged: no rewrite of a ~100k-entry file at every start)
+        _write_cache(cache_path, fresh)
     bad = [(str(p), e[6]) for p, e in zip(paths, entries, strict=True) if e[6]]
     if bad and not skip_bad:
         more = f" ({len(bad) - 1} more bad files)" if len(bad) > 1 else ""

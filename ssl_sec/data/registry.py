@@ -24,8 +24,7 @@ class DatasetSpec:
 
     name: the `data.dataset` value. title: how people write it. normalization: per-channel
     (mean, std) in [0, 1] scale. folder: an image-folder tree on disk, which can be streamed
-    (`data.mode: stream`) instead of decoded into memory. default_mode: what `data.mode: auto`
-    means for it when the size check does not decide (in-memory for the small CIFAR sets).
+    (`data.mode: stream`) instead of decoded into memory.
     load: (root, train, download, image_size, classes_file, skip_bad) -> the decoded ImageSet.
     """
 
@@ -33,7 +32,6 @@ class DatasetSpec:
     title: str
     normalization: Stats
     folder: bool
-    default_mode: str
     load: Callable[..., ImageSet]
 
 
@@ -69,13 +67,13 @@ def _load_folder(root, train: bool, download: bool, image_size=None,
 DATASETS: dict[str, DatasetSpec] = {
     "cifar10": DatasetSpec("cifar10", "CIFAR-10",
                            ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
-                           folder=False, default_mode="memory", load=_load_cifar("cifar10")),
+                           folder=False, load=_load_cifar("cifar10")),
     "cifar100": DatasetSpec("cifar100", "CIFAR-100",
                             ((0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)),
-                            folder=False, default_mode="memory", load=_load_cifar("cifar100")),
+                            folder=False, load=_load_cifar("cifar100")),
     "imagefolder": DatasetSpec("imagefolder", "an ImageFolder tree (e.g. ImageNet-100)",
                                ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
-                               folder=True, default_mode="auto", load=_load_folder),
+                               folder=True, load=_load_folder),
 }
 
 NORMALIZATION: dict[str, Stats] = {name: spec.normalization for name, spec in DATASETS.items()}

@@ -222,7 +222,9 @@ def _decode_on_device(items: list, size: int, device: torch.device, skip_bad: bo
         if v is None:
             views[k], labels[k] = views[good[0]], labels[good[0]]
     crops = torch.stack(views)  # (B, V, 3, size, size)
-    return list(crops.unbind(1)), torch.tensor(labels, device=device), replaced
+    # (Built on the host and copied without waiting: a tensor made on the GPU from a list
+    # would hold the host until the queued work is done, every step.)
+    return list(crops.unbind(1)), torch.tensor(labels).to(device, non_blocking=True), replaced
 
 
 class _EpochBatches(Sampler):

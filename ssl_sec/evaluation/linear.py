@@ -234,7 +234,7 @@ def _train_batches(source, cfg: Config, lcfg: LinearConfig, device: torch.device
 
     def batches(epoch: int):
         loader.set_epoch(epoch)
-        return ((images, labels) for images, labels in loader)
+        return loader
 
     return batches, len(loader)
 

@@ -21,9 +21,9 @@ from ..checkpoint import load_checkpoint
 from ..data import load_splits
 from ..errors import CheckpointError, UserError
 from ..methods import build_model
-from ..runtime import autocast_for, resolve_device
+from ..runtime import resolve_device
 from .commands import checkpoint_config, eval_transform_for, pretrain_dataset
-from .features import labelled_batches
+from .features import embed, labelled_batches
 
 
 def norm_statistics(norms: torch.Tensor) -> dict[str, float]:
@@ -49,18 +49,21 @@ def embed_norms(encoder: nn.Module, batches: Iterable[torch.Tensor], transform: 
     `encoder(x)` must return (h, z) (ssl_sec.models.Encoder); `batches` yields uint8
     (B,3,H,W) images on `device`. Returns two float32 (N,) tensors on the CPU.
     """
-    was_training = encoder.training
-    encoder.eval()
-    hs, zs = [], []
-    try:
-        with autocast_for(device, precision):
-            for images in batches:
-                h, z = encoder(transform(images))
-                hs.append(h.float().norm(dim=1).cpu())
-                zs.append(z.float().norm(dim=1).cpu())
-    finally:
-        encoder.train(was_training)
-    return torch.cat(hs), torch.cat(zs)
+    norms = embed(_Norms(encoder), batches, transform, device, precision).cpu()
+    return norms[:, 0].contiguous(), norms[:, 1].contiguous()
+
+
+class _Norms(nn.Module):
+    """(h, z) -> (B, 2) float32 norms, so `embed` (eval mode, autocast) runs the pass."""
+
+    def __init__(self, encoder: nn.Module):
+        super().__init__()
+        self.encoder = encoder
+        self.train(encoder.training)  # embed restores this mode afterwards
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h, z = self.encoder(x)
+        return torch.stack([h.float().norm(dim=1), z.float().norm(dim=1)], dim=1)
 
 
 def _pyplot():
