@@ -33,6 +33,7 @@ Semantics (SimCLR, Chen et al. 2020, appendix A; torchvision transforms):
 from __future__ import annotations
 
 import math
+import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -273,6 +274,10 @@ def _where_rows(chosen: torch.Tensor, fn: Callable[..., torch.Tensor], x: torch.
     return x.index_copy(0, idx, fn(x.index_select(0, idx), *(a.index_select(0, idx) for a in args)))
 
 
+# The reasons of failed recordings already reported in this process.
+_FAILED_RECORDINGS: set[str] = set()
+
+
 class _GraphedView:
     """A view function recorded as a CUDA graph for one batch shape, replayed per call.
 
@@ -303,7 +308,12 @@ class _GraphedView:
                 for _ in range(2):  # warm-up: lazy initialisation, allocator, kernel caches
                     fn(self.input)
             torch.cuda.current_stream(example.device).wait_stream(side)
-            with torch.cuda.graph(self.graph):
+            # thread_local: only this thread's calls may not break the recording. In the
+            # default "global" mode a call such as cudaHostAlloc from ANY thread invalidates
+            # it, and a streamed run has one: the DataLoader's pin-memory thread allocates
+            # pinned buffers while the first batch's views are recorded (the ImageNet recipes
+            # failed so, cudaErrorStreamCaptureInvalidated; in-memory CIFAR has no such thread).
+            with torch.cuda.graph(self.graph, capture_error_mode="thread_local"):
                 self.output = fn(self.input)
 
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
@@ -362,6 +372,8 @@ class ViewAugment(nn.Module):
         cuda_graph: on CUDA, record the whole view (sampling included) once per batch shape as
             a CUDA graph and replay it: one launch instead of ~400 small kernels, each of
             which would otherwise cost more host time than GPU time (see ``_GraphedView``).
+            If a recording fails, one warning line names the reason and the views are made
+            op by op from then on (the same values): a speed optimisation never stops a run.
 
     Shape: ``(B, 3, H, W)`` uint8 -> ``(B, 3, size, size)`` float32, channels_last, same device.
     """
@@ -492,12 +504,37 @@ class ViewAugment(nn.Module):
         return self.apply(images, self.sample(n, height, width, images.device))
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        if not (images.is_cuda and self.cuda_graph) or torch.is_grad_enabled():
+        if not self._records(images):
             return self.view(images)
         key = (tuple(images.shape), images.device)
         if key not in self._graphs:
-            self._graphs[key] = _GraphedView(self.view, images)
+            try:
+                self._graphs[key] = _GraphedView(self.view, images)
+            except Exception as err:  # noqa: BLE001 - a speed optimisation must not stop a run
+                self._stop_recording(err, images.device)
+                return self.view(images)
         return self._graphs[key](images)
+
+    def _records(self, images: torch.Tensor) -> bool:
+        """Whether this call replays (and first records) a CUDA graph."""
+        return images.is_cuda and self.cuda_graph and not torch.is_grad_enabled()
+
+    def _stop_recording(self, err: Exception, device: torch.device) -> None:
+        """After a failed recording: views op by op from now on (the same values, slower),
+        said in one line. The recording drew no random numbers (``fork_rng``), so the run's
+        stream is unchanged. If the device itself is broken, its error is the real one."""
+        if device.type == "cuda":
+            try:
+                torch.cuda.synchronize(device)
+            except Exception:  # noqa: BLE001
+                raise err from None
+        self.cuda_graph, self._graphs = False, {}
+        reason = " ".join(f"{type(err).__name__}: {err}".split())[:300]
+        if reason not in _FAILED_RECORDINGS:  # both views usually fail alike: say it once
+            _FAILED_RECORDINGS.add(reason)
+            print(f"ssl-sec: warning: the augmentation could not be recorded as a CUDA graph "
+                  f"({reason}); making the views op by op instead (same values, slower)",
+                  file=sys.stderr, flush=True)
 
     def _apply(self, fn, *args, **kwargs):  # type: ignore[override]
         self._graphs = {}  # recorded on the old device / buffers: record again

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing
+import os
 import sys
+import traceback
 from pathlib import Path
 
 from .cpu_memory import keep_freed_memory
@@ -179,16 +182,57 @@ def main(argv: list[str] | None = None) -> int:
 
             print(to_yaml(load_recipe(args.recipe, args.overrides)), end="")
     except UserError as err:
+        _keep(err)
         print(f"ssl-sec: error: {_one_line(err)}", file=sys.stderr)
         return 2
     except Preempted as stop:
+        _keep(stop)
         print(f"ssl-sec: {stop}", file=sys.stderr)
         return PREEMPTED_EXIT
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as stop:
+        _keep(stop)
         print("ssl-sec: interrupted; the run's last checkpoint is its last.pt (continue with "
               "--resume)", file=sys.stderr)
         return 130
+    except Exception as err:  # a bug, or the device failed (a CUDA error, a lost process)
+        _keep(err)
+        if type(err).__name__ == "OutOfMemoryError":  # torch's, outside `train` (which says more)
+            print(f"ssl-sec: error: out of memory ({_one_line(err).split('. ')[0]}); lower "
+                  "the command's batch size (optim.batch_size of the recipe) or free the "
+                  "device", file=sys.stderr)
+            return 2
+        traceback.print_exception(err)
+        print(f"ssl-sec: error: the command failed with {type(err).__name__} (traceback "
+              "above); nothing was saved after the failure", file=sys.stderr)
+        return 1
     return 0
+
+
+# The exception that ended the command, held until the process exits. Releasing it would
+# tear down the frames that hold a DataLoader iterator, and that teardown joins worker
+# processes and the pin-memory thread without a time limit: after a CUDA error such a join
+# can wait forever (a run on a cluster would then burn its allocation). `run` exits without
+# it.
+_failure: list[BaseException] = []
+
+
+def _keep(err: BaseException) -> None:
+    _failure[:] = [err]
+
+
+def run(argv: list[str] | None = None) -> None:
+    """The `ssl-sec` command: `main`, then an exit that cannot hang. After a failure the
+    DataLoader workers are killed (they ignore SIGTERM, see preemption.py) and the process
+    ends at once, skipping the interpreter's teardown (every file that matters is already
+    written and closed: checkpoints are fsynced, the logs closed in `train`'s finally)."""
+    code = main(argv)
+    if code == 0:
+        sys.exit(0)
+    for child in multiprocessing.active_children():
+        child.kill()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 def _one_line(err: Exception) -> str:
@@ -198,4 +242,4 @@ def _one_line(err: Exception) -> str:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run()

@@ -40,7 +40,14 @@ from .methods import build_model
 from .optim import build_optimizer, set_lr
 from .preemption import Preempted, StopRequests
 from .run_dir import RunDir, open_run, run_root
-from .runtime import autocast_for, backends, effective_precision, grad_scaler, resolve_device
+from .runtime import (
+    autocast_for,
+    backends,
+    effective_precision,
+    grad_scaler,
+    memory_note,
+    resolve_device,
+)
 from .schedules import lr_at
 
 # Keys that may differ between a run and its resumption: where things are and how often
@@ -220,6 +227,19 @@ def _preview_images(cfg: Config, splits, device: torch.device) -> torch.Tensor:
     return torch.stack(pixels).to(device)
 
 
+@torch.no_grad()
+def _log_previews(log: Logger, cfg: Config, splits, views: torch.nn.Module,
+                  eval_transform: torch.nn.Module, device: torch.device) -> None:
+    """The augmentation previews of a new run. They use their own generator state: they must
+    not shift the training RNG stream (a resumed run has to replay the same draws)."""
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        sample, stats = _preview_images(cfg, splits, device), NORMALIZATION[cfg.data.dataset]
+        view1, view2 = views(sample)
+        log.tb.add_image("augment/original", preview_grid(eval_transform(sample), *stats), 0)
+        log.tb.add_image("augment/view1", preview_grid(view1, *stats), 0)
+        log.tb.add_image("augment/view2", preview_grid(view2, *stats), 0)
+
+
 # ----------------------------------------------------------------------------- kNN monitor
 def knn_monitor(backbone: torch.nn.Module, train: Labelled, test: Labelled,
                 transform: torch.nn.Module, cfg: Config,
@@ -290,8 +310,21 @@ def train(cfg: Config, resume: bool | str | Path = False, progress_bar: bool | N
         run = _open_run(cfg, resume)
         try:
             return _train(cfg, device, run, progress_bar, max_epochs)
+        except torch.cuda.OutOfMemoryError:
+            raise UserError(_out_of_memory(cfg, device, world)) from None
         finally:
             run.release()
+
+
+def _out_of_memory(cfg: Config, device: torch.device, world: int) -> str:
+    batch = cfg.optim.batch_size
+    per = f" ({batch // world} per process)" if world > 1 else ""
+    fix = f"lower optim.batch_size (e.g. optim.batch_size={max(2, batch // 2)})"
+    if effective_precision(device, cfg.precision) == "fp32" and device.type == "cuda":
+        fix += " or use precision=bf16"
+    return (f"out of memory at optim.batch_size={batch}{per}, augment.size={cfg.augment.size}, "
+            f"model.arch={cfg.model.arch} on {memory_note(device)}: {fix}; nothing was saved "
+            "after the failed step (the run's last checkpoint is intact, --resume continues it)")
 
 
 def _train(cfg: Config, device: torch.device, run: RunDir, progress_bar: bool | None,
@@ -353,15 +386,6 @@ def _train(cfg: Config, device: torch.device, run: RunDir, progress_bar: bool | 
            if precision == "fp16" and device.type == "cpu" else ""))
 
     log = Logger(run, step if ckpt is not None else None) if main else None
-    if ckpt is None and main:
-        # Augmentation previews use their own generator state: they must not shift the
-        # training RNG stream (a resumed run has to replay the same draws).
-        with torch.no_grad(), torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-            sample, stats = _preview_images(cfg, splits, device), NORMALIZATION[cfg.data.dataset]
-            view1, view2 = views(sample)
-            log.tb.add_image("augment/original", preview_grid(eval_transform(sample), *stats), 0)
-            log.tb.add_image("augment/view1", preview_grid(view1, *stats), 0)
-            log.tb.add_image("augment/view2", preview_grid(view2, *stats), 0)
     t = _Training(cfg=cfg, device=device, run=run, model=model, core=core,
                   optimizer=optimizer, scaler=scaler, loader=loader, views=views, log=log,
                   saver=Checkpoints(run, cfg, core, optimizer, scaler, loader, steps_per_epoch,
@@ -377,12 +401,16 @@ def _train(cfg: Config, device: torch.device, run: RunDir, progress_bar: bool | 
     start_epoch = step // steps_per_epoch
     end_epoch = cfg.optim.epochs if max_epochs is None else min(cfg.optim.epochs,
                                                                  start_epoch + max_epochs)
-    with StopRequests() as stops:
-        for epoch in range(start_epoch, end_epoch):
-            done = _train_epoch(t, epoch, stops)
-            _end_epoch(t, epoch, done, stops, (bank, test, eval_transform))
-    if log is not None:
-        log.close()
+    try:
+        if ckpt is None and log is not None:
+            _log_previews(log, cfg, splits, views, eval_transform, device)
+        with StopRequests() as stops:
+            for epoch in range(start_epoch, end_epoch):
+                done = _train_epoch(t, epoch, stops)
+                _end_epoch(t, epoch, done, stops, (bank, test, eval_transform))
+    finally:  # also on a failure or a stop: the logs reach the disk (the CLI then exits hard)
+        if log is not None:
+            log.close()
     if ckpt is not None and start_epoch >= cfg.optim.epochs:
         say(f"run already finished at epoch {start_epoch}; nothing to do")
     elif end_epoch < cfg.optim.epochs:

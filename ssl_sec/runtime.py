@@ -97,3 +97,20 @@ def backends(device: torch.device, deterministic: bool):
     finally:
         torch.use_deterministic_algorithms(before[0])
         torch.backends.cudnn.benchmark = before[1]
+
+
+def memory_note(device: torch.device) -> str:
+    """What memory `device` has, for an out-of-memory message: the GPU's name, total and
+    free memory, or the host's RAM."""
+    if device.type == "cuda":
+        try:
+            free, total = torch.cuda.mem_get_info(device)
+            return (f"{torch.cuda.get_device_name(device)} ({total / 2**30:.1f} GiB, "
+                    f"{free / 2**30:.1f} GiB free after the failed allocation)")
+        except RuntimeError:  # a device in an error state: its name is still useful
+            return str(device)
+    try:
+        total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+        return f"the CPU ({total / 2**30:.1f} GiB of RAM)"
+    except (ValueError, OSError, AttributeError):
+        return "the CPU"

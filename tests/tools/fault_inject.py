@@ -1,19 +1,33 @@
-"""Run the `ssl-sec` CLI with a fault injected, for tests/test_faults.py.
+"""Run the `ssl-sec` CLI with a fault injected, for tests/test_faults.py and
+tests/test_failures.py.
 
-    python tests/tools/fault_inject.py kill-in-save N -- pretrain RECIPE ...
+    python tests/tools/fault_inject.py FAULT ARG -- pretrain RECIPE ...
 
 kill-in-save N: the N-th checkpoint write stops half way and the process kills itself
-with SIGKILL (a node dying while it writes last.pt).
+    with SIGKILL (a node dying while it writes last.pt).
+raise-at-step N: the N-th training step raises a RuntimeError (a bug, a failed collective),
+    and at that moment a non-daemon thread starts that never ends (as a pin-memory thread
+    stuck in a CUDA call would: an interpreter shutdown joining it waits forever). The time of
+    the failure and the pids of the DataLoader workers alive then are written as JSON to
+    $FAULT_RECORD.
+oom-at-step N: the N-th training step runs out of memory (torch's OutOfMemoryError).
+cuda-error-at-step N: the N-th training step triggers a device-side assert (a real CUDA
+    error; needs a GPU), with the same record and stuck thread as raise-at-step.
 """
 
 import io
+import json
+import multiprocessing
 import os
 import signal
 import sys
+import threading
+import time
 
 import torch
 
-from ssl_sec.cli import main
+from ssl_sec import engine
+from ssl_sec.cli import run
 
 
 def kill_in_save(n: int) -> None:
@@ -34,8 +48,44 @@ def kill_in_save(n: int) -> None:
     torch.save = save
 
 
+def _record_and_wedge() -> None:
+    """Write the failure's time and the live workers' pids, then start a thread that blocks
+    any ordinary interpreter exit forever."""
+    with open(os.environ["FAULT_RECORD"], "w") as f:
+        json.dump({"time": time.time(),
+                   "workers": [p.pid for p in multiprocessing.active_children()]}, f)
+    threading.Thread(target=threading.Event().wait, daemon=False).start()
+
+
+def _raise_from_a_device_assert(v1):
+    index = torch.full((1,), v1.shape[0] * 10, device=v1.device)
+    v1.flatten()[index].sum().item()  # out of bounds on the device: a CUDA error
+
+
+def fail_at_step(n: int, how: str) -> None:
+    real = engine.optimize_step
+    calls = [0]
+
+    def step(model, v1, v2, *args, **kwargs):
+        calls[0] += 1
+        if calls[0] == n:
+            if how == "oom":
+                raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+            _record_and_wedge()
+            if how == "cuda":
+                _raise_from_a_device_assert(v1)
+            raise RuntimeError(f"injected failure at step {n}")
+        return real(model, v1, v2, *args, **kwargs)
+
+    engine.optimize_step = step
+
+
 if __name__ == "__main__":
     fault, arg, sep, *argv = sys.argv[1:]
-    assert fault == "kill-in-save" and sep == "--", sys.argv
-    kill_in_save(int(arg))
-    sys.exit(main(argv))
+    assert sep == "--", sys.argv
+    if fault == "kill-in-save":
+        kill_in_save(int(arg))
+    else:
+        how = {"raise-at-step": "raise", "oom-at-step": "oom", "cuda-error-at-step": "cuda"}
+        fail_at_step(int(arg), how[fault])
+    run(argv)
