@@ -9,7 +9,8 @@ to 224x224, while ImageNet photos are about 500x375. This benchmark therefore BU
 folders by re-encoding those photos at 500x375 (bicubic upscale, JPEG quality 90): `--images`
 of them for the loader comparison, `--big` (plus a 100-image val/) for start-up and memory. A
 file differs from the photo it came from by a horizontal shift (and a mirror for odd copies),
-so no two files are the same bytes; it says so in its output and in the JSON.
+so no two files are the same bytes; it says so in its output and in the JSON. (The builder is
+eval/jpeg_folder.py, shared with the tests and the GPU benchmark.)
 
 1. Loader throughput, 2-view batches delivered to the training device (the CPU here), at 224
    and 128 px, the same worker count for both:
@@ -38,32 +39,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import ROOT, write_result  # noqa: E402
-
-SAMPLE = ROOT.parent / "shared" / "data" / "imagefolder-sample"
-NOTE = ("test folders built by re-encoding the 300 shared Imagenette photos (224x224) at "
-        "ImageNet's typical 500x375 (bicubic upscale, JPEG quality 90), each copy shifted "
-        "horizontally (odd copies mirrored) so files differ")
-
-
-def build_folder(root: Path, n: int, val: int = 0) -> Path:
-    """`n` training images (and `val` validation images) at 500x375 from the sample."""
-    from PIL import Image
-
-    photos = sorted(p for p in SAMPLE.glob("*/*.jpg"))
-    for split, count in (("train", n), ("val", val)):
-        for k in range(count):
-            src = photos[k % len(photos)]
-            out = root / split / src.parent.name / f"{k:06d}.jpg"
-            if out.exists():
-                continue
-            out.parent.mkdir(parents=True, exist_ok=True)
-            img = Image.open(src).convert("RGB").resize((560, 375), Image.Resampling.BICUBIC)
-            shift = (k // len(photos)) * 7 % 60
-            img = img.crop((shift, 0, shift + 500, 375))
-            if (k // len(photos)) % 2:
-                img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
-            img.save(out, quality=90)
-    return root
+from jpeg_folder import NOTE, build_jpeg_folder  # noqa: E402
 
 
 def _rate(batches, n_batches: int, warmup: int, batch_size: int) -> float:
@@ -182,8 +158,8 @@ def main() -> None:
     work = Path(args.workdir or tempfile.mkdtemp(prefix="ssl_sec_imagefolder_"))
     print(f"bench_imagefolder: {NOTE}; in {work}", flush=True)
     t0 = time.perf_counter()
-    small = build_folder(work / "small", args.images)
-    big = build_folder(work / "big", args.big, val=100)
+    small = build_jpeg_folder(work / "small", args.images)
+    big = build_jpeg_folder(work / "big", args.big, val=100)
     print(f"  folders built in {time.perf_counter() - t0:.0f} s", flush=True)
     result: dict = {"note": NOTE, "settings": vars(args) | {"workdir": str(work)}}
     result["throughput"] = []

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import re
 import subprocess
 import sys
 from datetime import datetime, timezone
@@ -21,6 +22,16 @@ def cpu_model() -> str | None:
     except OSError:
         pass
     return None
+
+
+def usable_cores() -> int:
+    """The cores this process may run on (a container's share, not the host's count)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+
+
+def gpu_slug(name: str) -> str:
+    """'NVIDIA H100 80GB HBM3' -> 'h100_80gb_hbm3': the <gpu> of eval/results/*_<gpu>.json."""
+    return re.sub(r"[^a-z0-9]+", "_", name.lower().replace("nvidia", "")).strip("_")
 
 
 def provenance(**extra_versions: str) -> dict:
@@ -45,9 +56,11 @@ def provenance(**extra_versions: str) -> dict:
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "git": rev + ("+dirty" if dirty else ""),
         "command": " ".join([os.path.relpath(sys.argv[0], ROOT), *sys.argv[1:]]),
+        # The host CPU is part of every GPU figure that a DataLoader feeds (the lightly
+        # reference is bound by it), so both its model and the cores this run had are kept.
         "machine": {"platform": platform.platform(), "cpu_model": cpu_model(),
-                    "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-                    "gpu": gpu},
+                    "cpu_count": os.cpu_count(), "cpu_cores_usable": usable_cores(),
+                    "torch_threads": torch.get_num_threads(), "gpu": gpu},
         "versions": {"python": platform.python_version(), "torch": torch.__version__,
                      "torchvision": torchvision.__version__, "kornia": kornia.__version__,
                      "lightly": lightly.__version__, "numpy": numpy.__version__,

@@ -1,14 +1,27 @@
 """Write eval/RESULTS.md from the JSON files in eval/results/ (nothing is typed by hand).
 
-    python eval/summarize.py
+    python eval/summarize.py            # eval/RESULTS.md
+    python eval/summarize.py --readme   # README.md's GPU results, from the last GPU run
+
+--readme rewrites only the lines between `<!-- gpu-results:begin -->` and
+`<!-- gpu-results:end -->` in README.md: the measured GPU table, made from the last GPU run's
+JSON (eval/bench_gpu.py's, the newest by date) and, when they exist for the same GPU, its
+eval/bench_imagenet_gpu.py and scripts/gpu_check.sh JSONs. It names the GPU and the host CPU:
+the lightly reference runs in DataLoader workers on the host's cores, so its images/s, and
+every ratio to it, belong to that machine.
 """
 
 from __future__ import annotations
 
+import argparse
 import json
+import re
+import textwrap
 from pathlib import Path
 
 RESULTS = Path(__file__).resolve().parent / "results"
+README = RESULTS.parents[1] / "README.md"
+BEGIN, END = "<!-- gpu-results:begin -->", "<!-- gpu-results:end -->"
 
 
 def load(name: str) -> dict | None:
@@ -29,8 +42,7 @@ def where(d: dict) -> str:
 def gpu_sections() -> list[str]:
     """The GPU benchmark (scripts/gpu_check.sh), the GPU quick start and earlier GPU runs."""
     out: list[str] = []
-    for path in sorted(RESULTS.glob("gpu_*.json")):
-        d = json.loads(path.read_text())
+    for _path, d in gpu_benchmarks():
         g, p, s, k, lin, ly = (d["gpu"], d["pretrain"], d["step_breakdown"], d["knn_pass"],
                                d["linear_probe"], d["lightly_reference"])
         t = d.get("tests") or {}
@@ -101,12 +113,184 @@ def gpu_sections() -> list[str]:
     return out
 
 
+# ----------------------------------------------------------------------------- GPU runs
+def gpu_benchmarks() -> list[tuple[Path, dict]]:
+    """eval/bench_gpu.py's JSONs (eval/results/gpu_<gpu>.json), oldest first; gpu_check_*.json
+    (the check's summary) shares the prefix and is left out."""
+    runs = [(p, json.loads(p.read_text())) for p in RESULTS.glob("gpu_*.json")]
+    return sorted(((p, d) for p, d in runs if "pretrain" in d), key=lambda r: r[1].get("date", ""))
+
+
+def host(d: dict) -> str:
+    """'host CPU <model>, <n> cores' as the JSON recorded it."""
+    m = d.get("machine", {})
+    if not m.get("cpu_model"):
+        return "host CPU not recorded"
+    usable = m.get("cpu_cores_usable")
+    cores = f"{usable} of {m['cpu_count']} cores usable" if usable and usable != m.get(
+        "cpu_count") else f"{m.get('cpu_count')} cores"
+    return f"host CPU {m['cpu_model']}, {cores}"
+
+
+def lightly_trials(d: dict) -> dict | None:
+    """Extra trials of the lightly reference on the same machine and code as run `d`
+    (eval/results/gpu_runs/*lightly_trials*.json), if any."""
+    for path in sorted((RESULTS / "gpu_runs").glob("*lightly_trials*.json")):
+        t = json.loads(path.read_text())
+        if t.get("gpu", {}).get("name") == d["gpu"]["name"] and t.get("git") == d.get("git"):
+            return t
+    return None
+
+
+def cifar_rows(d: dict) -> list[str]:
+    p, s, k, lin, ly = (d["pretrain"], d["step_breakdown"], d["knn_pass"], d["linear_probe"],
+                        d["lightly_reference"])
+    sim, moco = p["simclr"], p["moco"]
+    full = sim.get("train_images", 50_000) >= 50_000
+    subset = "" if full else (f"; {sim['train_images']:,}-image subset, the 50,000-image epoch "
+                              "extrapolated")
+    t = d.get("tests")
+    ms = s["ms_per_step"]
+    rows = ["| measure | value | target |", "| --- | --- | --- |"]
+    if t:
+        rows.append(f"| GPU tests | {t['passed']} passed, {t['failed']} failed | all pass |")
+    rows += [
+        f"| SimCLR epoch, `{sim['recipe']}` (CUDA events; the first, autotuning epoch "
+        f"{sim['epoch_seconds'][0]:.1f} s{subset}) | **{sim.get('full_cifar10_epoch_seconds', sim['steady_epoch_seconds']):.2f} s**, "
+        f"{sim['images_per_s']:,.0f} img/s | <= 3 s |",
+        f"| MoCo epoch, `{moco['recipe']}` | "
+        f"{moco.get('full_cifar10_epoch_seconds', moco['steady_epoch_seconds']):.2f} s, "
+        f"{moco['images_per_s']:,.0f} img/s | - |",
+        f"| SimCLR step: two views / model step / whole step | {ms['views']:.1f} / "
+        f"{ms['model_step']:.1f} / {ms['full_step']:.1f} ms (augmentation "
+        f"{100 * s['augment_share_of_step']:.0f}%) | - |",
+        f"| kNN pass: features of {k['bank']:,} + {k['queries']:,} images, then k={k['k']} "
+        f"search | **{k['total_seconds']:.2f} s** ({k['extract_seconds']:.2f} + "
+        f"{k['search_seconds_torch']:.2f}) | < 1 s |",
+        f"| linear probe, {lin['epochs']} epochs on cached features (`{lin['recipe']}`) | "
+        f"**{lin['seconds']:.1f} s** (top-1 {lin['top1']:.1f} after "
+        f"{len(sim['epoch_seconds'])} pretraining epochs) | < 2 min |",
+    ]
+    ratio, extra_ly, extra_ratio = d["ratio_vs_lightly"], "", ""
+    runs = ly.get("images_per_s_trials") or []
+    if len(runs) > 1:
+        extra_ly = f" (median of {len(runs)} trials, {min(runs):,.0f}-{max(runs):,.0f})"
+    elif trials := lightly_trials(d):
+        xs = trials["images_per_s_trials"]
+        extra_ly = (f" in that run; {min(xs):,.0f}-{max(xs):,.0f} (median "
+                    f"{trials['images_per_s_median']:,.0f}) over {len(xs)} more trials")
+        lo, hi = trials["ratio_range"]
+        extra_ratio = (f" in that run; {trials['ratio_median']:.2f}x against the median of the "
+                       f"trials ({lo:.2f}x-{hi:.2f}x)")
+    rows += [
+        f"| lightly reference: `SimCLRTransform` in {ly['workers']} DataLoader workers on the "
+        f"host CPU, same model, batch, bf16 | {ly['images_per_s']:,.0f} img/s{extra_ly} | - |",
+        f"| ssl_sec / lightly images/s, this GPU and host | **{ratio:.2f}x**{extra_ratio} "
+        "| >= 3x |"]
+    return rows
+
+
+def _num(x: float | None, fmt: str = ",.0f", unit: str = "") -> str:
+    return "-" if x is None else f"{x:{fmt}}{unit}"
+
+
+def imagenet_rows(d: dict) -> list[str]:
+    """The ImageNet-size table of eval/bench_imagenet_gpu.py's JSON."""
+    loader = d.get("loader_only") or {}
+    minutes = d["imagenet100_epoch"]["minutes"]
+    util = {(r["arch"], r["decode"]): r.get("gpu_utilization") for r in d["ssl_sec"]}
+    rows = ["| recipe / decode | img/s (target) | loader alone | GPU util | lightly, same "
+            "model | ratio (>= 3x) | ImageNet-100 epoch, extrapolated |",
+            "| --- | --- | --- | --- | --- | --- | --- |"]
+    for v in d["verdicts"]:
+        met = "met" if v["meets_images_per_s"] else "not met"
+        ips = (f"**{v['images_per_s']:,.0f}** (>= {v['target_images_per_s']:,}: {met})"
+               if v["images_per_s"] else f"{v['status']} (>= {v['target_images_per_s']:,})")
+        ratio = "-"
+        if v["ratio_vs_lightly"]:
+            ratio = (f"**{v['ratio_vs_lightly']:.2f}x** "
+                     f"({'met' if v['meets_ratio'] else 'not met'})")
+        u = util.get((v["arch"], v["decode"])) or {}
+        rows.append(" | ".join([
+            f"| {v['arch']} / {v['decode']}", ips,
+            _num(loader.get(v["decode"], {}).get("images_per_s")),
+            _num(u.get("mean_percent"), ".0f", "%"), _num(v["lightly_images_per_s"]), ratio,
+            _num(minutes.get(f"{v['arch']}/{v['decode']}"), ".1f", " min")]) + " |")
+    return rows
+
+
+def readme_block() -> str:
+    """The README's GPU results, from the last GPU run's JSONs."""
+    runs = gpu_benchmarks()
+    if not runs:
+        return "No GPU run recorded yet (`bash scripts/gpu_check.sh` writes eval/results/)."
+    path, d = runs[-1]
+    gpu = d["gpu"]["name"]
+    slug = path.stem[len("gpu_"):]
+    lines = [f"Measured on an {gpu} with {host(d)}, torch {d['versions']['torch']}, git "
+             f"{d['git']}, {d['date'][:10]}: `bash scripts/gpu_check.sh` "
+             f"(`eval/results/{path.name}`; this block is written by "
+             "`python eval/summarize.py --readme`).", "", *cifar_rows(d), ""]
+    ly = d["lightly_reference"]
+    lines.append(f"The lightly reference runs its transforms in {ly['workers']} DataLoader "
+                 f"workers on the host CPU (its loader alone: {ly['loader_only_images_per_s']:,.0f}"
+                 f" img/s; with the model: {ly['images_per_s']:,.0f}): its images/s, and every "
+                 "ratio to it, hold for this GPU with this host CPU only.")
+    earlier = [(p, json.loads(p.read_text())) for p in sorted((RESULTS / "gpu_runs").glob("*_run*.json"))]
+    earlier = [(p, e) for p, e in earlier if e.get("gpu", {}).get("name") == gpu and "pretrain" in e]
+    if earlier:
+        lines[-1] += " Earlier runs on this GPU (`eval/RESULTS.md`): " + "; ".join(
+            f"`{p.stem}` {e['pretrain']['simclr']['steady_epoch_seconds']:.2f} s per epoch, "
+            f"{e['ratio_vs_lightly']:.2f}x" for p, e in earlier) + "."
+    if (imagenet := RESULTS / f"imagenet_gpu_{slug}.json").is_file():
+        n = json.loads(imagenet.read_text())
+        lines += ["", f"ImageNet size on the same GPU ({host(n)}; `eval/results/{imagenet.name}`, "
+                  f"git {n['git']}): {n['note']}; {n['settings']['workers']} DataLoader workers "
+                  "for every pipeline; images/s over whole epochs after the first.", "",
+                  *imagenet_rows(n), "", f"ImageNet-100 epochs: {n['imagenet100_epoch']['note']}."]
+        if n.get("skipped"):
+            lines.append("Not measured: " + "; ".join(n["skipped"]) + ".")
+    if (check := RESULTS / f"gpu_check_{slug}.json").is_file():
+        c = json.loads(check.read_text())
+        failed = [s["stage"] for s in c["stages"] if s["result"] not in ("pass", "skipped")]
+        lines += ["", f"`scripts/gpu_check.sh` ({host(c)}; `eval/results/{check.name}`): "
+                  f"{c['counts']['pass']} of {len(c['stages'])} stages passed"
+                  + (f" (not passed: {', '.join(failed)})" if failed else "")
+                  + f" in {c['seconds_total']} s (budget {c['budget_seconds']} s)."]
+    # Prose wrapped like the rest of the README; table rows stay one line each.
+    return "\n".join(line if line.startswith("|") else textwrap.fill(line, 95, break_on_hyphens=False)
+                     for line in lines)
+
+
+def write_readme(readme: Path = README) -> None:
+    """Replace the block between the markers in README.md; nothing else is touched."""
+    text = readme.read_text()
+    pattern = re.compile(re.escape(BEGIN) + r"\n.*?" + re.escape(END), re.S)
+    if len(pattern.findall(text)) != 1:
+        raise SystemExit(f"summarize.py: {readme} needs one {BEGIN} ... {END} block")
+    new = pattern.sub(lambda _: f"{BEGIN}\n{readme_block()}\n{END}", text)
+    readme.write_text(new)
+    print(f"wrote the GPU results block of {readme.name}")
+
+
 def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--readme", action="store_true",
+                    help="rewrite README.md's GPU results block instead of eval/RESULTS.md")
+    if ap.parse_args().readme:
+        write_readme()
+        return
     out = ["# Results", "",
            "Generated by `python eval/summarize.py` from `eval/results/*.json`; each section names "
            "the command that wrote its JSON. The GPU sections were measured on a lent NVIDIA H100 "
            "(issue 8); every other figure on the project's 2-core CPU.", ""]
     out += gpu_sections()
+    for path in sorted(RESULTS.glob("imagenet_gpu_*.json")):
+        n = json.loads(path.read_text())
+        out += [f"## ImageNet size on one GPU: {(n.get('gpu') or {}).get('name')} (issue 15)", "",
+                f"{cmd(n)}; {host(n)}, git {n['git']}, {n['date']}. {n['note']}.", "",
+                *imagenet_rows(n), "", f"ImageNet-100 epochs: {n['imagenet100_epoch']['note']}.",
+                ""]
 
     if d := load("imagefolder_cpu"):
         out += ["## Streaming image folders on the CPU (issue 9)", "", cmd(d), "",

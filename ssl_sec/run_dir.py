@@ -31,6 +31,21 @@ _NOT_ATTEMPT = {LOCK, ".ssl_sec_index.json", "attempts"}
 _INDEX_CACHE = re.compile(r"index-[0-9a-f]+\.json")
 
 
+# The lock files this process holds. A forked child (a DataLoader worker) inherits their
+# descriptors, and an flock lasts while any descriptor of it is open: persistent workers
+# would keep the directory locked after this process released it. Children close theirs.
+_HELD: set = set()
+
+
+def _close_inherited_locks() -> None:
+    for lock in _HELD:
+        lock.close()
+    _HELD.clear()
+
+
+os.register_at_fork(after_in_child=_close_inherited_locks)
+
+
 @dataclass
 class RunDir:
     root: Path
@@ -53,6 +68,7 @@ class RunDir:
 
     def release(self) -> None:
         if self._lock is not None:
+            _HELD.discard(self._lock)
             self._lock.close()  # closing the file drops the flock
             self._lock = None
 
@@ -89,6 +105,7 @@ def open_run(out_dir: str, name: str, resume: str | Path | None) -> RunDir:
     lock.truncate()
     lock.write(f"pid {os.getpid()} on {os.uname().nodename}\n")
     lock.flush()
+    _HELD.add(lock)
     run = RunDir(root, _lock=lock)
     try:
         _decide(run, resume)

@@ -140,3 +140,21 @@ def test_a_failed_graph_recording_falls_back_to_the_same_views(monkeypatch, caps
     second = _views()
     second(images)
     assert capsys.readouterr().err == "" and not second.cuda_graph
+
+
+def test_a_released_run_directory_is_free_while_forked_workers_live(tmp_path):
+    """The run's lock is not kept by children forked while it was held (persistent DataLoader
+    workers): once the run releases it, a new run may take the directory."""
+    from ssl_sec.run_dir import open_run
+
+    run = open_run(str(tmp_path), "run", None)
+    child = os.fork()
+    if child == 0:  # a worker that outlives the run's release
+        time.sleep(30)
+        os._exit(0)
+    try:
+        run.release()
+        open_run(str(tmp_path), "run", None).release()  # not "in use by a running ssl-sec"
+    finally:
+        os.kill(child, 9)
+        os.waitpid(child, 0)
