@@ -11,6 +11,12 @@ SMALL = ["data.train_subset=512", "data.test_subset=200", "model.cifar_stem=fals
          "eval.knn_k=20", "log_every=2", "ckpt_every=1"]
 
 
+# Subprocesses are waited for until they end (or, in tests/test_faults.py, until the event a
+# test needs); this deadline only has to catch a hang, and a loaded CI machine runs them many
+# times slower than an idle one.
+DEADLINE_S = 900
+
+
 def small_cfg(tmp_path, *extra: str) -> Config:
     """A 2-epoch run of SMALL in tmp_path; `extra` are dotted overrides."""
     return from_dict({}, SMALL + [f"out_dir={tmp_path}", "optim.epochs=2", *extra])
@@ -23,3 +29,24 @@ def queue_keys(moco) -> torch.Tensor:
     if n < moco.queue.shape[0]:
         return moco.queue[:n].clone()
     return torch.roll(moco.queue, -int(moco.queue_ptr), dims=0)
+
+
+# float32's machine epsilon, 2**-23 (about 1.19e-7): the relative size of one rounding.
+EPS32 = torch.finfo(torch.float32).eps
+
+
+def f32_rtol(terms: int = 1, ulps: float = 4.0) -> float:
+    """A relative tolerance for float32 results that two computations may round differently
+    (a fused against an unfused formula, another CPU's vector width or BLAS blocking):
+    `ulps` roundings for each of the `terms` summed into a value."""
+    return ulps * terms * EPS32
+
+
+def f32_close(expected: torch.Tensor, terms: int = 1, ulps: float = 4.0) -> dict[str, float]:
+    """rtol and atol for torch.testing.assert_close(actual, expected, **f32_close(expected, n)).
+
+    rtol is f32_rtol(terms, ulps); atol is the same fraction of the largest magnitude in
+    `expected`, for entries that cancel to near 0: such an entry still carries the rounding
+    error of the large terms it was summed from, which a pure rtol would not allow."""
+    rtol = f32_rtol(terms, ulps)
+    return {"rtol": rtol, "atol": rtol * float(expected.detach().abs().max())}

@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from helpers import queue_keys
+from helpers import DEADLINE_S, queue_keys
 from torch import nn
 
 from ssl_sec.config import LossConfig, from_dict
@@ -104,7 +104,7 @@ def test_torchrun_two_cpu_processes_train_end_to_end(tmp_path, data_root, method
            "optim.epochs=2", "moco.queue_size=128", "eval.knn_k=10", "model.proj_hidden_dim=64",
            f"out_dir={tmp_path}", "name=ddp"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=DEADLINE_S, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     results = [line for line in proc.stdout.splitlines() if line.startswith('{"run_dir"')]
     assert len(results) == 1  # only rank 0 reports

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import DEADLINE_S
 from torch import nn
 
 from ssl_sec.augment import EvalTransform
@@ -117,7 +118,7 @@ def test_knn_cli_no_cache(make_checkpoint, data_root):
     path = make_checkpoint()
     proc = subprocess.run([sys.executable, "-m", "ssl_sec", "knn", "--checkpoint", str(path),
                            "--no-cache", "eval.knn_k=5"], cwd=ROOT, env={**os.environ},
-                          capture_output=True, text=True, timeout=120)
+                          capture_output=True, text=True, timeout=DEADLINE_S)
     assert proc.returncode == 0, proc.stderr
     assert json.loads(proc.stdout.strip().splitlines()[-1])["feature_cache"] is None
     assert not (path.parent / "features").exists()

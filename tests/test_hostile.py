@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from helpers import DEADLINE_S
 from PIL import Image
 
 from ssl_sec import cli
@@ -329,7 +330,7 @@ def test_the_table_is_large_enough():
 def test_subprocess_one_line_no_traceback(name, tmp_path):
     _, build, fragment = next(c for c in CASES if c[0] == name)
     proc = subprocess.run([sys.executable, "-m", "ssl_sec", *build(tmp_path)], cwd=ROOT,
-                          capture_output=True, text=True, timeout=300,
+                          capture_output=True, text=True, timeout=DEADLINE_S,
                           env={**os.environ, "PYTHONUNBUFFERED": "1"})
     assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
     lines = proc.stderr.strip().splitlines()

@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from helpers import DEADLINE_S
 
 from ssl_sec.augment import EvalTransform
 from ssl_sec.config import from_dict
@@ -95,7 +96,7 @@ def test_cli_norms_errors_one_line_exit_2(make_checkpoint):
         (["norms", "--checkpoint", str(path), "loss.temprature=0.1"], "unknown key"),
     ]:
         proc = subprocess.run([sys.executable, "-m", "ssl_sec", *args], cwd=ROOT,
-                              env={**os.environ}, capture_output=True, text=True, timeout=120)
+                              env={**os.environ}, capture_output=True, text=True, timeout=DEADLINE_S)
         lines = proc.stderr.strip().splitlines()
         assert proc.returncode == 2 and len(lines) == 1, proc.stderr
         assert fragment in lines[0], proc.stderr

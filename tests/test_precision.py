@@ -80,17 +80,36 @@ def test_bf16_training_resume_and_every_evaluation(method, tmp_path, data_root,
                                    equal_nan=True)
     assert all(torch.isfinite(v).all() for k, v in b["model"].items() if v.is_floating_point()
                and k != "objective.sec_mu") and torch.isfinite(b["model"]["objective.sec_mu"])
-    assert 10 < result["top1"] <= result["top5"] <= 100
+    # No accuracy threshold: 8 steps do not train measurably (loss/total 9.8 -> 9.7 SimCLR,
+    # 8.8 -> 9.1 MoCo; kNN top-1 14.5 and 24 where chance is 10, and 1 point apart on one
+    # checkpoint between two CPU kernel sets), so any threshold is a coin toss on other
+    # hardware. What this test checks instead is the precision: see the fp32 comparison below.
+    assert 0 <= result["top1"] <= result["top5"] <= 100
 
     ckpt = tmp_path / "b" / "last.pt"
     knn = knn_command(ckpt, [])
     assert knn["top1"] == pytest.approx(result["top1"], abs=1.0)  # same features, same vote
     cached = [torch.load(f, weights_only=True) for f in (tmp_path / "b" / "features").glob("*.pt")]
     assert cached and all(c["key_parts"]["precision"] == "bf16" for c in cached)
+    # The bf16 evaluation computes the fp32 features to bf16 precision (2^-8): unit features
+    # at cosine > 0.99 (a relative error below 0.14). Measured 0.9997 (MoCo) and 0.99999
+    # (SimCLR) on AVX2, scalar and SSE4.1 kernels; a wrong dtype, an overflow or another
+    # layer's features are far below.
+    knn_command(ckpt, ["precision=fp32"])
+    feats = {(c["key_parts"]["split"], c["key_parts"]["precision"]): c["features"] for c in
+             (torch.load(f, weights_only=True) for f in (tmp_path / "b" / "features").glob("*.pt"))
+             if c["key_parts"]["normalized"]}
+    for split in ("train", "test"):
+        cosine = (feats[split, "bf16"].float() * feats[split, "fp32"].float()).sum(1)
+        assert cosine.min() > 0.99, (split, cosine.min())
     for mode in ("features", "full"):
+        # Both probe modes end to end in bf16. Their accuracy says nothing here: on these raw
+        # features (norms 80 to 15,000 after 8 steps, eval-mode BatchNorm statistics not yet
+        # settled) lr 0.1 diverges (measured: the train loss goes 254 -> 7e6), as expected;
+        # that the probe learns is tests/test_linear.py's job.
         lin = linear_command(ckpt, None, [f"mode={mode}", "optim.epochs=2", "precision=bf16",
                                           "data.train_subset=512", "data.test_subset=200"])
-        assert lin["backbone_unchanged"] and 10 < lin["top1"] <= 100, mode
+        assert lin["backbone_unchanged"] and 0 <= lin["top1"] <= lin["top5"] <= 100, mode
     norms = norms_command(ckpt, ["data.test_subset=200"])
     assert norms["n_images"] == 200
     assert norms["h"]["mean"] > 0 and norms["z"]["mean"] > 0

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 import torchvision
+from helpers import DEADLINE_S
 from safetensors import safe_open
 from safetensors.torch import load_file
 
@@ -157,10 +158,10 @@ def test_cli_convnext_pretrains_and_resnet19_is_one_line(tmp_path):
             "optim.epochs=1", "eval.knn_k=5", "model.proj_hidden_dim=32",
             f"out_dir={tmp_path}"]
     proc = subprocess.run([*base, "model.arch=convnext_tiny", "name=cx"], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=600)
+                          capture_output=True, text=True, timeout=DEADLINE_S)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert json.loads(proc.stdout.strip().splitlines()[-1])["step"] == 2
     proc = subprocess.run([*base, "model.arch=resnet19"], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=300)
+                          capture_output=True, text=True, timeout=DEADLINE_S)
     assert proc.returncode == 2 and "did you mean resnet18" in proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1
