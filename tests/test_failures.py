@@ -34,14 +34,14 @@ INJECT = ROOT / "tests" / "tools" / "fault_inject.py"
 EXIT_WITHIN_S = 10.0
 
 
-def _streamed_run(out: Path, sample: Path) -> list[str]:
+def streamed_run(out: Path, sample: Path, device: str = "cpu") -> list[str]:
     """A streamed image folder read by 2 DataLoader workers, a checkpoint after every step."""
-    return ["pretrain", "recipes/quickstart.yaml", "data.dataset=imagefolder",
-            f"data.root={sample}", "data.mode=stream", "data.workers=2", "augment.size=32",
-            "data.test_subset=60", "optim.batch_size=32", "model.proj_hidden_dim=64",
-            "model.proj_output_dim=16", "optim.epochs=1", "eval.knn_every=0", "eval.knn_k=10",
-            "log_every=1", "ckpt_every_steps=1", "ckpt_every_minutes=0",
-            f"out_dir={out}", "name=run"]
+    return ["pretrain", "recipes/quickstart.yaml", f"device={device}",
+            "data.dataset=imagefolder", f"data.root={sample}", "data.mode=stream",
+            "data.workers=2", "augment.size=32", "data.test_subset=60", "optim.batch_size=32",
+            "model.proj_hidden_dim=64", "model.proj_output_dim=16", "optim.epochs=1",
+            "eval.knn_every=0", "eval.knn_k=10", "log_every=1", "ckpt_every_steps=1",
+            "ckpt_every_minutes=0", f"out_dir={out}", "name=run"]
 
 
 def _alive(pid: int) -> bool:
@@ -53,6 +53,33 @@ def _alive(pid: int) -> bool:
         return False
 
 
+def fail_a_streamed_run(tmp_path: Path, sample: Path, fault: str, device: str = "cpu"
+                        ) -> tuple[subprocess.CompletedProcess, dict]:
+    """Step 3 of a streamed run fails (`fault`, tests/tools/fault_inject.py); at that moment a
+    thread starts that would block an ordinary interpreter exit forever. Checks what every
+    failure must give: exit code 1 within EXIT_WITHIN_S of the failure, the workers that were
+    reading gone, last.pt from step 2 (nothing saved after the failure). Returns the process
+    and the failure's record."""
+    record = tmp_path / "failure.json"
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1",
+           "FAULT_RECORD": str(record)}
+    cmd = [sys.executable, str(INJECT), fault, "3", "--",
+           *streamed_run(tmp_path, sample, device)]
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    ended = time.time()
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    failure = json.loads(record.read_text())
+    assert ended - failure["time"] < EXIT_WITHIN_S, ended - failure["time"]
+    assert len(failure["workers"]) == 2  # the failure came while both workers were reading
+    deadline = time.time() + 5  # a killed process may take a moment to be reaped
+    while any(map(_alive, failure["workers"])) and time.time() < deadline:
+        time.sleep(0.05)
+    assert not any(map(_alive, failure["workers"])), failure["workers"]
+    assert load_checkpoint(tmp_path / "run" / "last.pt", training=True)["step"] == 2
+    assert os.path.getmtime(tmp_path / "run" / "last.pt") < failure["time"]
+    return proc, failure
+
+
 @pytest.fixture
 def sample(tmp_path, data_root) -> Path:
     # A copy: streaming writes its index cache beside the data.
@@ -60,30 +87,13 @@ def sample(tmp_path, data_root) -> Path:
 
 
 def test_an_error_mid_epoch_ends_a_streamed_run_at_once(tmp_path, sample):
-    """Step 3 of a streamed run raises; at that moment a thread starts that would block an
-    ordinary interpreter exit forever. The process still ends within EXIT_WITHIN_S with exit
-    code 1, the traceback and one closing line; its workers are gone; last.pt holds step 2."""
-    record = tmp_path / "failure.json"
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1",
-           "FAULT_RECORD": str(record)}
-    cmd = [sys.executable, str(INJECT), "raise-at-step", "3", "--",
-           *_streamed_run(tmp_path, sample)]
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
-    ended = time.time()
-    assert proc.returncode == 1, proc.stderr[-3000:]
-    failure = json.loads(record.read_text())
-    assert ended - failure["time"] < EXIT_WITHIN_S, ended - failure["time"]
+    """A RuntimeError at step 3, with a thread that would block an ordinary exit forever: the
+    process still ends at once (fail_a_streamed_run), with the traceback and one closing line.
+    (Without `cli.run`'s immediate exit the same process hangs until it is killed.)"""
+    proc, _ = fail_a_streamed_run(tmp_path, sample, "raise-at-step")
     assert "RuntimeError: injected failure at step 3" in proc.stderr
     assert proc.stderr.strip().splitlines()[-1].startswith(
         "ssl-sec: error: the command failed with RuntimeError")
-    assert len(failure["workers"]) == 2  # the failure came while both workers were reading
-    deadline = time.time() + 5  # a killed process may take a moment to be reaped
-    while any(map(_alive, failure["workers"])) and time.time() < deadline:
-        time.sleep(0.05)
-    assert not any(map(_alive, failure["workers"])), failure["workers"]
-    ckpt = load_checkpoint(tmp_path / "run" / "last.pt", training=True)
-    assert ckpt["step"] == 2  # the two good steps; nothing from the failed one
-    assert os.path.getmtime(tmp_path / "run" / "last.pt") < failure["time"]
 
 
 def test_out_of_memory_is_one_line_with_the_batch_size(tmp_path, data_root, monkeypatch,
@@ -148,13 +158,18 @@ def test_a_released_run_directory_is_free_while_forked_workers_live(tmp_path):
     from ssl_sec.run_dir import open_run
 
     run = open_run(str(tmp_path), "run", None)
+    started, ready = os.pipe()
     child = os.fork()
-    if child == 0:  # a worker that outlives the run's release
+    if child == 0:  # a worker that outlives the run's release (its fork hooks have run)
+        os.write(ready, b"1")
         time.sleep(30)
         os._exit(0)
     try:
+        assert os.read(started, 1) == b"1"  # the child is past its start, as a worker is
         run.release()
         open_run(str(tmp_path), "run", None).release()  # not "in use by a running ssl-sec"
     finally:
         os.kill(child, 9)
         os.waitpid(child, 0)
+        os.close(started)
+        os.close(ready)

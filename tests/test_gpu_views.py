@@ -17,18 +17,15 @@ run ends the process within seconds, and a real CUDA out-of-memory is one line.
 
 from __future__ import annotations
 
-import json
-import os
 import shutil
 import subprocess
 import sys
 import threading
-import time
 from pathlib import Path
 
 import pytest
 import torch
-from test_failures import EXIT_WITHIN_S, _alive
+from test_failures import fail_a_streamed_run
 
 from ssl_sec.augment import ViewAugment
 from ssl_sec.config import load_recipe
@@ -148,36 +145,13 @@ def test_cifar_views_still_record():
 
 
 # ----------------------------------------------------------------------------- failures
-def _streamed(out: Path, sample: Path) -> list[str]:
-    return ["pretrain", "recipes/quickstart.yaml", "device=cuda", "data.dataset=imagefolder",
-            f"data.root={sample}", "data.mode=stream", "data.workers=2", "augment.size=64",
-            "data.test_subset=60", "optim.batch_size=32", "optim.epochs=1", "eval.knn_every=0",
-            "eval.knn_k=10", "log_every=1", "ckpt_every_steps=1", "ckpt_every_minutes=0",
-            f"out_dir={out}", "name=run"]
-
-
 def test_a_cuda_error_mid_epoch_ends_the_process_at_once(tmp_path, data_root):
     """A device-side assert at step 3 of a streamed run (a sticky CUDA error: every later CUDA
-    call fails), with a thread that would block an ordinary exit: exit code 1 within 10 s of
-    the failure, the workers gone, last.pt from step 2."""
-    from ssl_sec.checkpoint import load_checkpoint
-
+    call fails), with a thread that would block an ordinary exit: exit code 1 within
+    EXIT_WITHIN_S of the failure, the workers gone, last.pt from step 2."""
     sample = Path(shutil.copytree(data_root / "imagefolder-sample", tmp_path / "sample"))
-    record = tmp_path / "failure.json"
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "FAULT_RECORD": str(record)}
-    cmd = [sys.executable, str(ROOT / "tests/tools/fault_inject.py"), "cuda-error-at-step", "3",
-           "--", *_streamed(tmp_path, sample)]
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
-    ended = time.time()
-    assert proc.returncode == 1, proc.stderr[-3000:]
-    failure = json.loads(record.read_text())
-    assert ended - failure["time"] < EXIT_WITHIN_S, ended - failure["time"]
+    proc, _ = fail_a_streamed_run(tmp_path, sample, "cuda-error-at-step", device="cuda")
     assert "CUDA" in proc.stderr
-    deadline = time.time() + 5  # a killed process may take a moment to be reaped
-    while any(map(_alive, failure["workers"])) and time.time() < deadline:
-        time.sleep(0.05)
-    assert failure["workers"] and not any(map(_alive, failure["workers"]))
-    assert load_checkpoint(tmp_path / "run" / "last.pt", training=True)["step"] == 2
 
 
 def test_cuda_out_of_memory_is_one_line(tmp_path, data_root):
