@@ -11,7 +11,10 @@ os.environ.setdefault("SSL_SEC_DATA", str(SHARED))
 # cuBLAS reads its workspace setting once, at its first call in the process: set it before any
 # test touches CUDA, so that the deterministic-resume GPU test can enable deterministic mode.
 os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-torch.set_num_threads(min(2, torch.get_num_threads()))
+# scripts/test.sh runs the suite in pytest-xdist workers, one per core: each worker computes on
+# its share of the cores instead of all of them competing for every core.
+_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+torch.set_num_threads(max(1, min(2, torch.get_num_threads()) // _WORKERS))
 
 
 def pytest_collection_modifyitems(config, items):

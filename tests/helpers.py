@@ -1,4 +1,12 @@
-"""Settings shared by the test modules that train for real on a CIFAR-10 subset."""
+"""Settings shared by the test modules that train for real on a CIFAR-10 subset, and the
+`ssl-sec` command as the tests run it."""
+
+import contextlib
+import io
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import torch
 
@@ -50,3 +58,29 @@ def f32_close(expected: torch.Tensor, terms: int = 1, ulps: float = 4.0) -> dict
     error of the large terms it was summed from, which a pure rtol would not allow."""
     rtol = f32_rtol(terms, ulps)
     return {"rtol": rtol, "atol": rtol * float(expected.detach().abs().max())}
+
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run_cli(*args: str, process: bool = False, cwd: Path = ROOT,
+            env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    """`ssl-sec ARGS` run from `cwd`: in a new interpreter (`process=True`: what a user
+    runs) or in this one. A new interpreter spends about 7 s of a 2-core CPU importing torch
+    and torchvision, most of what an error-path test costs. So each command's error path runs
+    once in a real process (no traceback and no stray line from anything the process
+    imports), and its other cases here: the same code, exit code and printed lines."""
+    if process:
+        return subprocess.run([sys.executable, "-m", "ssl_sec", *args], cwd=cwd,
+                              env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})},
+                              capture_output=True, text=True, timeout=DEADLINE_S)
+    from ssl_sec import cli
+
+    out, err, here = io.StringIO(), io.StringIO(), os.getcwd()
+    os.chdir(cwd)
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            code = cli.main(list(args))
+    finally:
+        os.chdir(here)
+    return subprocess.CompletedProcess(list(args), code, out.getvalue(), err.getvalue())

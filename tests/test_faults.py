@@ -25,9 +25,10 @@ from ssl_sec.checkpoint import load_checkpoint
 ROOT = Path(__file__).resolve().parents[1]
 INJECT = ROOT / "tests" / "tools" / "fault_inject.py"
 # 2 epochs x 4 steps of a small ResNet-18 run; every step logged; no time-based checkpoints
-# (the tests choose when checkpoints happen).
-BASE = ["pretrain", "recipes/quickstart.yaml", "data.train_subset=512", "data.test_subset=100",
-        "model.proj_hidden_dim=64", "model.proj_output_dim=16", "optim.batch_size=128",
+# (the tests choose when checkpoints happen). Batches of 32: the faults are about processes and
+# files, and a process's start (imports, data) already costs more than its steps.
+BASE = ["pretrain", "recipes/quickstart.yaml", "data.train_subset=128", "data.test_subset=100",
+        "model.proj_hidden_dim=64", "model.proj_output_dim=16", "optim.batch_size=32",
         "optim.epochs=2", "optim.warmup_epochs=0.5", "eval.knn_every=0", "eval.knn_k=10",
         "log_every=1", "ckpt_every=0", "ckpt_every_minutes=0", "loss.sec_eta=0.05",
         "loss.sec_mu=ema"]
@@ -388,7 +389,8 @@ def test_streamed_run_sigterm_to_every_process_resumes_exactly(tmp_path, data_ro
 
     sample = Path(shutil.copytree(data_root / "imagefolder-sample", tmp_path / "sample"))
     stream = ["data.dataset=imagefolder", f"data.root={sample}", "data.mode=stream",
-              "data.workers=2", "augment.size=32", "data.test_subset=60", "optim.batch_size=64"]
+              "data.train_subset=0", "data.workers=2", "augment.size=32", "data.test_subset=60",
+              "optim.batch_size=64"]
     ref = _run(tmp_path, "ref", *stream)
     assert ref.returncode == 0, ref.stderr[-3000:]
     proc = subprocess.Popen(_cmd(tmp_path, "cut", *stream), cwd=ROOT, env=_env(),

@@ -2,16 +2,13 @@
 
 import json
 import math
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import DEADLINE_S
+from helpers import run_cli
 
 from ssl_sec.config import from_dict
 from ssl_sec.data import load_splits
@@ -151,18 +148,14 @@ def test_kshot_command_on_source_only_cifar100_checkpoint(make_checkpoint, data_
     assert again["images_per_class"]["min"] >= 4 + 5
 
 
-def _cli(*args):
-    return subprocess.run([sys.executable, "-m", "ssl_sec", *args], cwd=ROOT, env={**os.environ},
-                          capture_output=True, text=True, timeout=DEADLINE_S)
-
-
 def test_cli_kshot_errors_one_line_exit_2(make_checkpoint):
     path = make_checkpoint()
-    for args, fragment in [
-        (["kshot", "--checkpoint", "missing.pt"], "checkpoint 'missing.pt' not found"),
-        (["kshot", "--checkpoint", str(path), "--target-classes", "x-y"], "--target-classes"),
+    for process, args, fragment in [
+        (True, ["kshot", "--checkpoint", "missing.pt"], "checkpoint 'missing.pt' not found"),
+        (False, ["kshot", "--checkpoint", str(path), "--target-classes", "x-y"],
+         "--target-classes"),
     ]:
-        proc = _cli(*args)
+        proc = run_cli(*args, process=process)
         lines = proc.stderr.strip().splitlines()
         assert proc.returncode == 2 and len(lines) == 1, proc.stderr
         assert fragment in lines[0], proc.stderr

@@ -1,14 +1,11 @@
 """Linear probe: learns separable features, keeps the backbone frozen, refuses mismatches."""
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
-from helpers import DEADLINE_S
+from helpers import run_cli
 from torch import nn
 
 from ssl_sec.config import LinearConfig, linear_from_dict, load_linear_recipe
@@ -223,11 +220,6 @@ def test_bad_key_in_linear_recipe_file(tmp_path):
         load_linear_recipe(recipe)
 
 
-def _cli(*args):
-    return subprocess.run([sys.executable, "-m", "ssl_sec", *args], cwd=ROOT,
-                          env={**os.environ}, capture_output=True, text=True, timeout=DEADLINE_S)
-
-
 def test_cli_linear_errors_one_line_exit_2(make_checkpoint):
     path = make_checkpoint()
     cases = [
@@ -235,8 +227,8 @@ def test_cli_linear_errors_one_line_exit_2(make_checkpoint):
         (["linear", "--checkpoint", str(path), "optim.lrr=1"], "unknown key 'optim.lrr'"),
         (["linear", "--checkpoint", str(path), "model.arch=resnet50"], "model.arch='resnet50'"),
     ]
-    for args, fragment in cases:
-        proc = _cli(*args)
+    for n, (args, fragment) in enumerate(cases):
+        proc = run_cli(*args, process=n == 0)
         lines = proc.stderr.strip().splitlines()
         assert proc.returncode == 2 and len(lines) == 1, proc.stderr
         assert "Traceback" not in proc.stderr and fragment in lines[0], proc.stderr

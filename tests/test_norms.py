@@ -1,15 +1,13 @@
 """Norm diagnostics: statistics equal a direct computation; JSON and PNG are written."""
 
 import json
-import os
-import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from helpers import DEADLINE_S
+from helpers import run_cli
 
 from ssl_sec.augment import EvalTransform
 from ssl_sec.config import from_dict
@@ -91,12 +89,11 @@ def test_missing_matplotlib_is_a_one_line_user_error(monkeypatch):
 
 def test_cli_norms_errors_one_line_exit_2(make_checkpoint):
     path = make_checkpoint()
-    for args, fragment in [
-        (["norms", "--checkpoint", "missing.pt"], "checkpoint 'missing.pt' not found"),
-        (["norms", "--checkpoint", str(path), "loss.temprature=0.1"], "unknown key"),
+    for process, args, fragment in [
+        (True, ["norms", "--checkpoint", "missing.pt"], "checkpoint 'missing.pt' not found"),
+        (False, ["norms", "--checkpoint", str(path), "loss.temprature=0.1"], "unknown key"),
     ]:
-        proc = subprocess.run([sys.executable, "-m", "ssl_sec", *args], cwd=ROOT,
-                              env={**os.environ}, capture_output=True, text=True, timeout=DEADLINE_S)
+        proc = run_cli(*args, process=process)
         lines = proc.stderr.strip().splitlines()
         assert proc.returncode == 2 and len(lines) == 1, proc.stderr
         assert fragment in lines[0], proc.stderr

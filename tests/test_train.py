@@ -1,15 +1,12 @@
 """Short real training runs on a CIFAR-10 subset: artefacts, resume equivalence, CLI errors."""
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 import yaml
-from helpers import DEADLINE_S, small_cfg
+from helpers import run_cli, small_cfg
 
 from ssl_sec.checkpoint import load_checkpoint
 from ssl_sec.config import load_recipe
@@ -87,23 +84,18 @@ def test_batch_larger_than_dataset(tmp_path, data_root):
         train(small_cfg(tmp_path, "data.train_subset=100"), progress_bar=False)
 
 
-def _cli(*args, cwd):
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    return subprocess.run([sys.executable, "-m", "ssl_sec", *args], cwd=cwd, env=env,
-                          capture_output=True, text=True, timeout=DEADLINE_S)
-
-
-@pytest.mark.parametrize("args,fragment", [
-    (["pretrain", "recipes/quickstart.yaml", "optim.lrr=1"], "unknown key 'optim.lrr'"),
-    (["pretrain", "recipes/nope.yaml"], "recipe 'recipes/nope.yaml' not found"),
-    (["pretrain", "recipes/quickstart.yaml", "loss.temperature=0"], "loss.temperature"),
+@pytest.mark.parametrize("args,fragment,process", [
+    (["pretrain", "recipes/quickstart.yaml", "optim.lrr=1"], "unknown key 'optim.lrr'", True),
+    (["pretrain", "recipes/nope.yaml"], "recipe 'recipes/nope.yaml' not found", False),
+    (["pretrain", "recipes/quickstart.yaml", "loss.temperature=0"], "loss.temperature", False),
     (["pretrain", "recipes/quickstart.yaml", "data.root=/nonexistent/x", "data.download=false"],
-     "/nonexistent/x"),
-    (["knn", "--checkpoint", "missing.pt"], "checkpoint 'missing.pt' not found"),
+     "/nonexistent/x", False),
+    (["knn", "--checkpoint", "missing.pt"], "checkpoint 'missing.pt' not found", True),
 ])
-def test_cli_user_errors_one_line_exit_2(args, fragment, tmp_path):
-    # Run from the repo so relative recipe paths work, writing runs into tmp_path.
-    proc = _cli(*args, f"out_dir={tmp_path}", cwd=ROOT) if args[0] == "pretrain" else _cli(*args, cwd=ROOT)
+def test_cli_user_errors_one_line_exit_2(args, fragment, process, tmp_path):
+    # From the repository, so that relative recipe paths work; runs go into tmp_path.
+    extra = [f"out_dir={tmp_path}"] if args[0] == "pretrain" else []
+    proc = run_cli(*args, *extra, process=process)
     assert proc.returncode == 2, proc.stderr
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr
@@ -113,7 +105,7 @@ def test_cli_user_errors_one_line_exit_2(args, fragment, tmp_path):
 def test_cli_rejects_corrupt_checkpoint(tmp_path):
     bad = tmp_path / "bad.pt"
     bad.write_bytes(b"not a checkpoint")
-    proc = _cli("knn", "--checkpoint", str(bad), cwd=ROOT)
+    proc = run_cli("knn", "--checkpoint", str(bad))
     assert proc.returncode == 2 and "cannot be read" in proc.stderr
     assert bad.read_bytes() == b"not a checkpoint"
 
@@ -121,7 +113,7 @@ def test_cli_rejects_corrupt_checkpoint(tmp_path):
 def test_knn_command_on_trained_checkpoint(tmp_path, data_root):
     train(small_cfg(tmp_path, "optim.epochs=1", "eval.knn_every=0"), progress_bar=False)
     ckpt = tmp_path / "run" / "last.pt"
-    proc = _cli("knn", "--checkpoint", str(ckpt), "eval.knn_k=10", cwd=ROOT)
+    proc = run_cli("knn", "--checkpoint", str(ckpt), "eval.knn_k=10", process=True)
     assert proc.returncode == 0, proc.stderr
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     assert result["k"] == 10 and result["n_train"] == 512 and result["n_test"] == 200
