@@ -1,13 +1,17 @@
 """Cluster safety, measured: the fault-injection and hostile-input suites, and what a
 checkpoint costs.
 
-    python eval/bench_faults.py [--out eval/results/faults_cpu.json]
+    python eval/bench_faults.py [--out eval/results/faults_cpu.json] [--checkpoint-only]
 
 1. Runs tests/test_faults.py and tests/test_hostile.py (real training processes, real
    signals, real data) and records every case with its outcome and seconds.
 2. Times `save_rotated` / `load_checkpoint` of the CIFAR recipe's model (ResNet-18, CIFAR
    stem, LARS state; recipes/cifar10/simclr.yaml) in a temp folder on this machine, and the
-   share of training time the default `ckpt_every_minutes: 10` spends writing.
+   share of training time the default `ckpt_every_minutes: 10` spends writing; what the
+   sha256 seal adds to a write and to a load; and a corruption campaign on that checkpoint:
+   one bit flipped at each of ~500 offsets (every zip header byte of its first entry, its
+   pickled state, tensor data throughout, the end of the file), counted as caught when
+   `load_checkpoint` refuses the file.
 """
 
 from __future__ import annotations
@@ -67,9 +71,11 @@ def run_suites() -> list[dict]:
 def checkpoint_costs() -> dict:
     import torch
 
-    from ssl_sec.checkpoint import load_checkpoint, save_rotated
+    from ssl_sec.checkpoint import FORMAT_VERSION, atomic_save, load_checkpoint, save_rotated
     from ssl_sec.config import load_recipe, to_dict
+    from ssl_sec.digest import check_seal
     from ssl_sec.engine import build_model
+    from ssl_sec.errors import CheckpointError
     from ssl_sec.optim import build_optimizer
 
     cfg = load_recipe(ROOT / "recipes" / "cifar10" / "simclr.yaml", ["device=cpu"])
@@ -78,31 +84,95 @@ def checkpoint_costs() -> dict:
     model(torch.randn(8, 3, 32, 32), torch.randn(8, 3, 32, 32), 0.0, False).losses[
         "total"].backward()
     optimizer.step()  # momentum buffers exist, as in a real checkpoint
-    state = {"format": "ssl_sec", "config": to_dict(cfg), "step": 1, "model": model.state_dict(),
-             "optimizer": optimizer.state_dict()}
-    writes, reads = [], []
+    state = {"format": "ssl_sec", "format_version": FORMAT_VERSION, "config": to_dict(cfg),
+             "step": 1, "model": model.state_dict(), "optimizer": optimizer.state_dict()}
+    times: dict[str, list[float]] = {"write": [], "write_unsealed": [], "read": [],
+                                     "seal_check": []}
+
+    def timed(name, fn):
+        t0 = time.perf_counter()
+        fn()
+        times[name].append(time.perf_counter() - t0)
+
     with tempfile.TemporaryDirectory(dir=ROOT) as tmp:
         last, prev = Path(tmp) / "last.pt", Path(tmp) / "prev.pt"
-        for _ in range(5):
-            t0 = time.perf_counter()
-            save_rotated(state, last, prev)
-            writes.append(time.perf_counter() - t0)
-            t0 = time.perf_counter()
-            load_checkpoint(last)
-            reads.append(time.perf_counter() - t0)
+        plain = Path(tmp) / "plain.pt"
+        for _ in range(5):  # interleaved, so that both see the same disk and cache
+            timed("write", lambda: save_rotated(state, last, prev))
+            timed("write_unsealed", lambda: atomic_save(state, plain))
+            timed("read", lambda: load_checkpoint(last))
+            timed("seal_check", lambda: check_seal(last))
         size = last.stat().st_size
-    write_s = statistics.median(writes)
+        campaign = corruption_campaign(last, load_checkpoint, CheckpointError)
+    med = {k: statistics.median(v) for k, v in times.items()}
     return {"model": "recipes/cifar10/simclr.yaml (ResNet-18, CIFAR stem, LARS momentum)",
             "folder": "a temp folder in the checkout (this machine's disk)",
-            "size_mb": round(size / 1e6, 1), "write_seconds_median_of_5": round(write_s, 3),
-            "read_seconds_median_of_5": round(statistics.median(reads), 3),
-            "share_of_time_writing_at_ckpt_every_minutes_10": round(write_s / 600, 5)}
+            "size_mb": round(size / 1e6, 1),
+            "write_seconds_median_of_5": round(med["write"], 3),
+            "write_unsealed_seconds_median_of_5": round(med["write_unsealed"], 3),
+            "seal_share_of_write": round((med["write"] - med["write_unsealed"]) / med["write"], 3),
+            "read_seconds_median_of_5": round(med["read"], 3),
+            "seal_check_seconds_median_of_5": round(med["seal_check"], 3),
+            "seal_check_share_of_read": round(med["seal_check"] / med["read"], 3),
+            "share_of_time_writing_at_ckpt_every_minutes_10": round(med["write"] / 600, 5),
+            "corruption": campaign}
+
+
+def corruption_campaign(path: Path, load, error) -> dict:
+    """Flip one bit at each offset of several parts of the file; a flip is caught when
+    `load` raises `error`. The file is restored after each try."""
+    import struct
+    import zipfile
+
+    good = path.read_bytes()
+    n = len(good)
+    with zipfile.ZipFile(path) as z:
+        infos = z.infolist()
+    first = infos[0]
+    pickled = next(i for i in infos if i.filename.endswith("data.pkl"))
+    names, extra = struct.unpack("<HH", good[pickled.header_offset + 26:pickled.header_offset + 30])
+    pkl_start = pickled.header_offset + 30 + names + extra
+    parts = {
+        "zip header of the first entry": list(range(first.header_offset,
+                                                    first.header_offset + 30 + names)),
+        "pickled state": list(range(pkl_start, pkl_start + pickled.compress_size,
+                                    max(1, pickled.compress_size // 100))),
+        "tensor data": list(range(pkl_start + pickled.compress_size, n - 4096, n // 300)),
+        "end (directory, seal)": list(range(n - 256, n)),
+    }
+    out = {}
+    try:
+        for part, offsets in parts.items():
+            caught = 0
+            for offset in offsets:
+                damaged = bytearray(good)
+                damaged[offset] ^= 0x08
+                path.write_bytes(bytes(damaged))
+                try:
+                    load(path)
+                except error:
+                    caught += 1
+            out[part] = {"tried": len(offsets), "caught": caught}
+    finally:
+        path.write_bytes(good)
+    out["total"] = {"tried": sum(v["tried"] for v in out.values()),
+                    "caught": sum(v["caught"] for v in out.values())}
+    return out
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default="eval/results/faults_cpu.json")
+    ap.add_argument("--checkpoint-only", action="store_true",
+                    help="only the checkpoint costs and the corruption campaign (seconds, not "
+                         "the suites' minutes); writes eval/results/checkpoint_seal_cpu.json "
+                         "unless --out is given")
     args = ap.parse_args()
+    if args.checkpoint_only:
+        out = args.out if args.out != ap.get_default("out") else \
+            "eval/results/checkpoint_seal_cpu.json"
+        write_result(out, {"checkpoint": checkpoint_costs()})
+        return
     cases = run_suites()
     faults = [c for c in cases if c["module"].endswith("test_faults")]
     hostile = [c for c in cases if c["module"].endswith("test_hostile")]

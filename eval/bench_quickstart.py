@@ -108,7 +108,7 @@ def linear_probes(ckpt: Path, random_model, cfg) -> dict:
     state = load_checkpoint(ckpt)
     state["model"] = random_model.state_dict()
     random_ckpt = ckpt.with_name("random.pt")
-    atomic_save(state, random_ckpt)
+    atomic_save(state, random_ckpt, sealed=True)
     out["random_init"] = linear_command(random_ckpt, None, ["mode=features"])
     return out
 

@@ -17,7 +17,8 @@ Stages, each under a timeout so that one hang cannot eat the window (seconds; en
                  faiss, ...; from --wheels DIR when given)                    SETUP_TIMEOUT
   pack       15  with --pack DIR: check and unpack the data pack (scripts/gpu_pack.sh) into
                  PACK_DEST (default /tmp/ssl_sec_data) and use it as SSL_SEC_DATA  PACK_TIMEOUT
-  tests     230  the GPU acceptance tests: python -m pytest tests -m gpu        TEST_TIMEOUT
+  tests     230  the GPU acceptance tests: python -m pytest tests -m gpu (views, recipes,
+                 faults: tests/test_gpu*.py, tests/test_recipes.py)           TEST_TIMEOUT
   cifar      60  eval/bench_gpu.py --epochs N (CIFAR-10 recipes, kNN, linear probe, lightly
                  reference, 2 trials): eval/results/gpu_<gpu>.json             CIFAR_TIMEOUT
   folder     15  build the ImageNet-size folder: 12,800 + 500 JPEGs at 500x375 made from the

@@ -1,22 +1,29 @@
-"""Checkpoints: atomic, rotated (`last.pt` and `prev.pt`), loaded with weights_only=True and
-checked key by key before anything reads them."""
+"""Checkpoints: atomic, rotated (`last.pt` and `prev.pt`), sealed with a SHA-256 of their
+bytes, loaded with weights_only=True and checked (seal, then key by key) before anything
+reads them."""
 
 from __future__ import annotations
 
+import hashlib
 import os
 import random
 import shutil
+import sys
 import tempfile
+import warnings
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from .digest import check_seal, seal
 from .errors import CheckpointError
 
 # 2: the loader position (`batch_in_epoch`, mid-epoch checkpoints) and `world_size`.
 # Version 1 files (epoch-end checkpoints only) read as version 2 with batch 0.
-FORMAT_VERSION = 2
+# 3: sealed (ssl_sec/digest.py); every load checks the seal. Version 1 and 2 files carry
+# none: they load with a note.
+FORMAT_VERSION = 3
 
 # What a training checkpoint holds, and the type of each entry. Evaluation needs only the
 # first three; `--resume` needs all of them.
@@ -25,9 +32,11 @@ _TRAINING_KEYS = {"epoch": int, "optimizer": dict, "scaler": dict, "loader_rng":
                   "rng": (dict, list)}
 
 
-def atomic_save(obj: Any, path: str | Path, before_replace=None) -> None:
+def atomic_save(obj: Any, path: str | Path, before_replace=None, sealed: bool = False) -> None:
     """Write to a temp file in the same folder, fsync, then rename over `path`
     (`before_replace()` runs just before the rename, once the new file is complete).
+    sealed=True: the file ends with the SHA-256 of its bytes (digest.seal), hashed as they
+    are written.
 
     A crash mid-write leaves the previous file intact: rename is atomic on POSIX. A failed
     write (disk full, quota) is a CheckpointError that names the file; the temp file goes.
@@ -35,10 +44,12 @@ def atomic_save(obj: Any, path: str | Path, before_replace=None) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    out = _WriteErrors(os.fdopen(fd, "wb"))
+    out = _Writer(os.fdopen(fd, "w+b"), hashlib.sha256() if sealed else None)
     try:
         with out.file:
             torch.save(obj, out)
+            if out.hash is not None:
+                seal(out.file, out.hash.hexdigest())
             out.file.flush()
             os.fsync(out.file.fileno())
         if before_replace is not None:
@@ -57,26 +68,30 @@ def atomic_save(obj: Any, path: str | Path, before_replace=None) -> None:
         raise
 
 
-class _WriteErrors:
-    """A file wrapper that remembers the OSError of a failed write: torch.save reports a
-    full disk as an opaque RuntimeError of its zip writer."""
+class _Writer:
+    """A file wrapper that hashes what is written (when given a hash) and remembers the
+    OSError of a failed write: torch.save reports a full disk as an opaque RuntimeError of
+    its zip writer."""
 
-    def __init__(self, file):
-        self.file, self.error = file, None
+    def __init__(self, file, hash_=None):
+        self.file, self.hash, self.error = file, hash_, None
 
     def write(self, data) -> int:
         try:
-            return self.file.write(data)
+            written = self.file.write(data)
         except OSError as err:
             self.error = err
             raise
+        if self.hash is not None:
+            self.hash.update(data)
+        return written
 
     def flush(self) -> None:
         self.file.flush()
 
 
 def save_rotated(state: dict, last: Path, prev: Path) -> None:
-    """Write `state` to `last`, keeping the checkpoint it replaces as `prev`.
+    """Write `state`, sealed, to `last`, keeping the checkpoint it replaces as `prev`.
 
     At every instant `last` is a complete checkpoint (old or new) and `prev` the one
     before it: once the new file is written in full, the old `last` is hard-linked to
@@ -88,7 +103,7 @@ def save_rotated(state: dict, last: Path, prev: Path) -> None:
         if last.is_file():
             link_atomically(last, prev)
 
-    atomic_save(state, last, before_replace=keep_previous)
+    atomic_save(state, last, before_replace=keep_previous, sealed=True)
 
 
 def link_atomically(src: Path, dst: Path) -> None:
@@ -196,19 +211,30 @@ def restore_training_state(ckpt: dict, path: Path, model, optimizer, scaler, loa
 
 def load_checkpoint(path: str | Path, training: bool = False) -> dict:
     """Load a checkpoint safely (weights_only=True: no code runs from the file) and check
-    that it is ours and whole: the keys evaluation needs, and with `training=True` the keys
-    a resume needs, each of the right type. Anything else is a CheckpointError naming the
-    file (and `prev.pt` beside it, when there is one to fall back on)."""
+    that it is ours and whole: its seal (before anything is unpickled), the keys evaluation
+    needs, and with `training=True` the keys a resume needs, each of the right type.
+    Anything else is a CheckpointError naming the file (and `prev.pt` beside it, when there
+    is one to fall back on)."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint '{path}' not found; pass the path of a .pt file "
                               "written by 'ssl-sec pretrain' (e.g. runs/NAME/last.pt)")
+    intact = check_seal(path)
+    if intact is False:
+        raise CheckpointError(
+            f"checkpoint '{path}' fails its sha256 check: its bytes changed after it was "
+            "written (a flipped bit, a partial copy or a failing disk), so it must not be "
+            "used" + (_fallback(path) or "; copy it again from where it came from"))
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # torch's own two-line warnings: the error says it
+            warnings.simplefilter("ignore")
+            ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # noqa: BLE001 - any unpickling failure means a bad file
-        raise CheckpointError(f"checkpoint '{path}' cannot be read ({_first_line(err)}); "
-                              f"it is corrupt, truncated or not an ssl_sec checkpoint"
-                              f"{_fallback(path)}") from None
+        why = ("it holds objects other than tensors and plain values, such as code that "
+               "would run on loading; nothing was run" if "Weights only load failed" in str(err)
+               else _first_line(err))
+        raise CheckpointError(f"checkpoint '{path}' cannot be read ({why}); it is corrupt, "
+                              f"truncated or not an ssl_sec checkpoint{_fallback(path)}") from None
     if not isinstance(ckpt, dict) or ckpt.get("format") != "ssl_sec":
         raise CheckpointError(f"checkpoint '{path}' is not an ssl_sec checkpoint "
                               "(no 'format: ssl_sec' marker); pass one written by 'ssl-sec pretrain'")
@@ -216,6 +242,8 @@ def load_checkpoint(path: str | Path, training: bool = False) -> dict:
     if not isinstance(version, int) or version > FORMAT_VERSION:
         raise CheckpointError(f"checkpoint '{path}' has format_version {version!r}, newer than "
                               f"this ssl_sec reads ({FORMAT_VERSION}); upgrade ssl_sec")
+    if intact is None:
+        _unsealed(path, version)
     needed = {**_MODEL_KEYS, **(_TRAINING_KEYS if training else {})}
     for key, kind in needed.items():
         if key not in ckpt:
@@ -230,6 +258,22 @@ def load_checkpoint(path: str | Path, training: bool = False) -> dict:
                               f"is damaged{_fallback(path)}")
     ckpt.setdefault("batch_in_epoch", 0)
     return ckpt
+
+
+_NOTED: set[Path] = set()
+
+
+def _unsealed(path: Path, version: int) -> None:
+    """A checkpoint without a seal: an error from version 3 on (the seal was lost with a
+    damaged end of file), a note once per file and process for older ones."""
+    if version >= 3:
+        raise CheckpointError(f"checkpoint '{path}' lost its sha256 seal (the end of the "
+                              f"file is damaged or cut){_fallback(path)}")
+    if path.resolve() not in _NOTED:
+        _NOTED.add(path.resolve())
+        print(f"note: checkpoint '{path}' carries no digest (format_version {version}, "
+              "written before checkpoints were sealed): it loads unverified", file=sys.stderr,
+              flush=True)
 
 
 def _fallback(path: Path) -> str:

@@ -105,18 +105,25 @@ def _parser() -> argparse.ArgumentParser:
 
     exp = sub.add_parser("export", help="write a checkpoint's backbone weights for torchvision "
                                         "or timm (safetensors by default)")
-    exp.add_argument("--checkpoint", required=True, help="a .pt written by ssl-sec pretrain")
-    exp.add_argument("--format", default="safetensors", choices=("safetensors", "torchvision",
-                                                                  "timm"),
-                     help="safetensors: no pickle, the source library's key names, recipe and "
-                          "provenance in its metadata (default); torchvision: a torch "
-                          "state_dict .pt; timm: safetensors under timm's key names")
+    exp.add_argument("--checkpoint", help="a .pt written by ssl-sec pretrain")
+    exp.add_argument("--format", default=None, choices=("safetensors", "torchvision", "timm"),
+                     help="safetensors: no pickle, the source library's key names, recipe, "
+                          "provenance and a sha256 digest in its metadata; torchvision: a "
+                          "torch state_dict .pt, sealed; timm: safetensors under timm's key "
+                          "names (default: what --out's extension names, else safetensors)")
     exp.add_argument("--out", default=None, help="output file (default: beside the checkpoint)")
     exp.add_argument("--force", action="store_true", help="replace an existing output file")
+    exp.add_argument("--verify", metavar="FILE", default=None,
+                     help="check a file written by 'ssl-sec export' against its digest "
+                          "instead of exporting")
 
-    cfg = sub.add_parser("config", help="print the resolved config of a recipe and overrides")
-    cfg.add_argument("recipe")
+    cfg = sub.add_parser("config", help="print the resolved config of a recipe and overrides, "
+                                        "or a run's config history (--run DIR)")
+    cfg.add_argument("recipe", nargs="?")
     cfg.add_argument("overrides", nargs="*", metavar="key=value")
+    cfg.add_argument("--run", metavar="DIR", default=None,
+                     help="a run directory: print its config.yaml's changes on resume "
+                          "(changes.jsonl), each with its step, and the config in effect now")
     return p
 
 
@@ -173,14 +180,32 @@ def main(argv: list[str] | None = None) -> int:
 
             print(json.dumps(norms_command(Path(args.checkpoint), args.overrides)), flush=True)
         elif args.command == "export":
-            from .pretrained import export_backbone
+            from .pretrained import export_backbone, verify_export
 
-            print(json.dumps(export_backbone(args.checkpoint, args.format, args.out,
-                                             args.force)), flush=True)
+            if args.verify is not None:
+                if args.checkpoint or args.out or args.format or args.force:
+                    raise UserError("export --verify FILE takes no other option; verify and "
+                                    "export in two commands")
+                print(json.dumps(verify_export(args.verify)), flush=True)
+            elif args.checkpoint is None:
+                raise UserError("export: pass --checkpoint PATH (a .pt written by 'ssl-sec "
+                                "pretrain'), or --verify FILE to check an export")
+            else:
+                print(json.dumps(export_backbone(args.checkpoint, args.format, args.out,
+                                                 args.force)), flush=True)
         elif args.command == "config":
             from .config import load_recipe, to_yaml
+            from .provenance import history
 
-            print(to_yaml(load_recipe(args.recipe, args.overrides)), end="")
+            if (args.run is None) == (args.recipe is None):
+                raise UserError("config: pass a recipe (and overrides), or --run DIR for a "
+                                "run's history, not both")
+            if args.run is not None:
+                if args.overrides:
+                    raise UserError("config --run DIR takes no overrides")
+                print(history(args.run), end="")
+            else:
+                print(to_yaml(load_recipe(args.recipe, args.overrides)), end="")
     except UserError as err:
         _keep(err)
         print(f"ssl-sec: error: {_one_line(err)}", file=sys.stderr)

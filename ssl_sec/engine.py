@@ -29,7 +29,7 @@ from .checkpoint import (
     save_rotated,
     training_state,
 )
-from .config import AugmentConfig, Config, show
+from .config import AugmentConfig, Config, from_dict, show
 from .data import NORMALIZATION, DeviceLoader, load_splits
 from .data.crops import read_centre
 from .data.stream import BytesStream, CropStream, StreamLoader, eval_resize_for
@@ -39,6 +39,7 @@ from .evaluation.knn import knn_evaluate
 from .methods import build_model
 from .optim import build_optimizer, set_lr
 from .preemption import Preempted, StopRequests
+from .provenance import CHANGES, CONFIG, config_changes, record_changes
 from .run_dir import RunDir, open_run, run_root
 from .runtime import (
     autocast_for,
@@ -83,28 +84,16 @@ def build_augment(cfg: Config, device: torch.device, crop: bool = True
     return TwoViews(first, second).to(device), eval_view.to(device)
 
 
-def check_resume_config(saved: dict, cfg: Config) -> list[str]:
-    """Refuse a resume whose recipe changes the optimisation; return the changes of
-    ADJUSTABLE_ON_RESUME keys (allowed, and reported)."""
-    now = config_mod.to_dict(cfg)
-    diffs, adjusted = [], []
-
-    def walk(a: dict, b: dict, prefix: str) -> None:
-        for key in sorted(set(a) | set(b)):
-            path = prefix + key
-            va, vb = a.get(key), b.get(key)
-            if isinstance(va, dict) and isinstance(vb, dict):
-                walk(va, vb, path + ".")
-            elif va != vb and path in ADJUSTABLE_ON_RESUME:
-                adjusted.append(f"{path}: {va!r} -> {vb!r}")
-            elif va != vb and path not in RESUMABLE_CHANGES:
-                diffs.append(f"{path}: {show(va)} -> {show(vb)}")
-
-    walk(saved, now, "")
-    if diffs:
+def check_resume_config(saved: dict, cfg: Config) -> dict[str, list]:
+    """Refuse a resume whose recipe changes the optimisation; return every change (keys of
+    RESUMABLE_CHANGES and ADJUSTABLE_ON_RESUME only): {dotted key: [saved, now]}."""
+    changes = config_changes(saved, config_mod.to_dict(cfg))
+    refused = [f"{key}: {show(a)} -> {show(b)}" for key, (a, b) in changes.items()
+               if key not in RESUMABLE_CHANGES and key not in ADJUSTABLE_ON_RESUME]
+    if refused:
         raise ConfigError("--resume with a recipe that differs from the run's config.yaml in "
-                          + "; ".join(diffs) + "; resume with the same recipe and overrides")
-    return adjusted
+                          + "; ".join(refused) + "; resume with the same recipe and overrides")
+    return changes
 
 
 def _open_run(cfg: Config, resume: bool | str | Path | None) -> RunDir:
@@ -126,18 +115,21 @@ def _open_run(cfg: Config, resume: bool | str | Path | None) -> RunDir:
     return run or RunDir(run_root(cfg.out_dir, cfg.name), resume_from=decided[0])
 
 
-def _read_resume(run: RunDir, cfg: Config, world: int) -> dict:
+def _read_resume(run: RunDir, cfg: Config, world: int) -> tuple[dict, dict[str, list]]:
+    """The checkpoint to continue from, and the config changes of this resume."""
     ckpt = load_checkpoint(run.resume_from, training=True)  # its config is a dict
-    for change in check_resume_config(ckpt["config"], cfg):
-        say(f"note: resuming with a changed {change} (allowed for this key; the run is "
-            "no longer reproducible from its first recipe alone)")
+    changes = check_resume_config(ckpt["config"], cfg)
+    for key, (old, new) in changes.items():
+        if key in ADJUSTABLE_ON_RESUME:
+            say(f"note: resuming with a changed {key}: {old!r} -> {new!r} (allowed for this "
+                f"key, recorded in {CHANGES} with the step it applies from)")
     saved_world = ckpt.get("world_size", len(ckpt["rng"]) if isinstance(ckpt["rng"], list) else 1)
     if saved_world != world:
         raise CheckpointError(
             f"checkpoint '{run.resume_from}' was written by {saved_world} process(es), this "
             f"run has {world}; resume with the same world size (torchrun --nnodes x "
             f"--nproc_per_node = {saved_world}): each process's random state is restored")
-    return ckpt
+    return ckpt, changes
 
 
 # ----------------------------------------------------------------------------- logging
@@ -333,7 +325,11 @@ def _train(cfg: Config, device: torch.device, run: RunDir, progress_bar: bool | 
     rank, world, main = dist.rank(), dist.world_size(), dist.is_main()
     for note in run.notes:
         say(note)
-    ckpt = _read_resume(run, cfg, world) if run.resume_from is not None else None
+    ckpt, changes = _read_resume(run, cfg, world) if run.resume_from is not None else (None, {})
+    if ckpt is not None and ckpt["epoch"] >= cfg.optim.epochs:
+        # Nothing to train, so nothing is written: the run's files stay as it left them.
+        say(f"run already finished at epoch {ckpt['epoch']}; nothing to do")
+        return _summary(run, cfg, ckpt.get("knn", {}))
     # -- data -----------------------------------------------------------------------------
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
@@ -369,8 +365,10 @@ def _train(cfg: Config, device: torch.device, run: RunDir, progress_bar: bool | 
             + (f" (batch {step % steps_per_epoch} of {steps_per_epoch})"
                if step % steps_per_epoch else ""))
     recipe = config_mod.to_yaml(cfg)
-    if main:
-        (run.root / "config.yaml").write_text(recipe)
+    if main:  # config.yaml: the config the run started with; a resume appends its changes
+        if not (run.root / CONFIG).is_file():
+            (run.root / CONFIG).write_text(recipe if ckpt is None else
+                                           config_mod.to_yaml(from_dict(ckpt["config"])))
     say("config:\n" + recipe.rstrip())
     say(f"run directory: {run.root}  (TensorBoard: tensorboard --logdir {run.root / 'tb'})")
     say(f"device {device} x {world} process(es), {len(splits.pretrain.labels)} pretraining / "
@@ -395,6 +393,8 @@ def _train(cfg: Config, device: torch.device, run: RunDir, progress_bar: bool | 
                   show_bar=sys.stderr.isatty() if progress_bar is None else progress_bar,
                   step=step, skipped=skipped, result=result,
                   nonfinite=torch.zeros((), dtype=torch.bool, device=device))
+    if changes:
+        t.saver.changes = (step, changes)
 
     # -- loop --------------------------------------------------------------------------------
     model.train()
@@ -411,16 +411,19 @@ def _train(cfg: Config, device: torch.device, run: RunDir, progress_bar: bool | 
     finally:  # also on a failure or a stop: the logs reach the disk (the CLI then exits hard)
         if log is not None:
             log.close()
-    if ckpt is not None and start_epoch >= cfg.optim.epochs:
-        say(f"run already finished at epoch {start_epoch}; nothing to do")
-    elif end_epoch < cfg.optim.epochs:
+    if end_epoch < cfg.optim.epochs:
         say(f"stopped after epoch {end_epoch} of {cfg.optim.epochs} as asked; continue with --resume")
-    summary = {"run_dir": str(run.root), "checkpoint": str(run.last),
-               "knn_k": t.result.get("k", cfg.eval.knn_k),
-               "knn_temperature": cfg.eval.knn_temperature, **t.result}
+    summary = _summary(run, cfg, t.result)
     if main:
         (run.root / "result.json").write_text(json.dumps(summary, indent=2) + "\n")
     return summary
+
+
+def _summary(run: RunDir, cfg: Config, result: dict) -> dict:
+    """What `train` returns (and result.json holds): where the run is, and its last kNN."""
+    return {"run_dir": str(run.root), "checkpoint": str(run.last),
+            "knn_k": result.get("k", cfg.eval.knn_k),
+            "knn_temperature": cfg.eval.knn_temperature, **result}
 
 
 @dataclass
@@ -498,7 +501,7 @@ def _train_epoch(t: _Training, epoch: int, stops: StopRequests) -> _EpochDone:
         if bar is not None:
             bar.update(1)
         if log_now:
-            _check_finite(t.nonfinite, t.step, t.run)
+            _check_finite(t.nonfinite, t.step, t.run, cfg.optim)
             now = time.perf_counter()
             values = _step_scalars(terms, lr, world * n_log / max(now - t_log, 1e-9))
             if t.scaler.is_enabled():
@@ -578,6 +581,9 @@ class Checkpoints:
         self.run, self.cfg, self.core, self.optimizer = run, cfg, core, optimizer
         self.scaler, self.loader, self.steps_per_epoch = scaler, loader, steps_per_epoch
         self.device, self.last_write = device, time.monotonic()
+        # A resume's config changes and the step they apply from: appended to changes.jsonl
+        # with the first checkpoint that holds them (an attempt that fails first left none).
+        self.changes: tuple[int, dict] | None = None
 
     def due(self, step: int, signal_name: str | None, epoch_end: bool = False
             ) -> tuple[bool, str | None]:
@@ -598,13 +604,16 @@ class Checkpoints:
              snapshot: bool = False) -> None:
         """Write last.pt (and epochNNNN.pt when `snapshot`), unless a loss since the last
         check (`nonfinite`) or a weight is NaN/inf: then stop, the last good file kept."""
-        _check_finite(nonfinite | ~_weights_finite(self.core), step, self.run)
+        _check_finite(nonfinite | ~_weights_finite(self.core), step, self.run, self.cfg.optim)
         rng_states = dist.gather_objects(rng_state())
         if dist.is_main():
             state = training_state(config_mod.to_dict(self.cfg), step, self.steps_per_epoch,
                                    self.core, self.optimizer, self.scaler, self.loader,
                                    rng_states, result, skipped)
             save_rotated(state, self.run.last, self.run.prev)
+            if self.changes is not None:
+                record_changes(self.run.root, *self.changes)
+                self.changes = None
             if snapshot:  # the same bytes: a link, not a second write
                 link_atomically(self.run.last,
                                 self.run.root / f"epoch{state['epoch']:04d}.pt")
@@ -612,8 +621,11 @@ class Checkpoints:
         dist.barrier()
 
     def stopped_message(self, signal_name: str, step: int) -> str:
+        # Counted as the progress lines count: epochs and batches from 1.
         epoch, batch = divmod(step, self.steps_per_epoch)
-        where = f"epoch {epoch}" + (f", batch {batch} of {self.steps_per_epoch}" if batch else "")
+        epochs = self.cfg.optim.epochs
+        where = (f"epoch {epoch + 1}/{epochs}, batch {batch}/{self.steps_per_epoch}" if batch
+                 else f"end of epoch {epoch}/{epochs}")
         return (f"stopped by {signal_name} at step {step} ({where}); checkpoint written to "
                 f"'{self.run.last}'; continue with the same command and --resume")
 
@@ -636,12 +648,15 @@ def _wrap_distributed(model: torch.nn.Module, cfg: Config, device: torch.device)
                                                          broadcast_buffers=False)
 
 
-def _check_finite(flag: torch.Tensor, step: int, run: RunDir) -> None:
+def _check_finite(flag: torch.Tensor, step: int, run: RunDir, optim) -> None:
     """Stop (exit 2) when a loss since the last check was NaN/inf, before that state could
     reach a checkpoint. Every rank takes the same decision, or the others would hang."""
     if not bool(dist.all_reduce_mean(flag.float()) > 0):
         return
-    fix = "a lower optim.lr or optim.grad_clip=3.0"
+    # The advice starts from the values that just diverged (a resume may have changed them).
+    clip = (f"a tighter optim.grad_clip={optim.grad_clip / 2:g} (now {optim.grad_clip:g})"
+            if optim.grad_clip > 0 else "optim.grad_clip=3.0")
+    fix = f"a lower optim.lr (now {optim.lr:g}, e.g. {optim.lr / 2:g}) or {clip}"
     if run.last.is_file():
         raise UserError(f"the loss became NaN/inf at or before step {step}; the last good "
                         f"checkpoint '{run.last}' is untouched: continue from it with --resume "

@@ -56,7 +56,7 @@ def make_checkpoint(tmp_path):
         path = tmp_path / name / "last.pt"
         atomic_save({"format": "ssl_sec", "format_version": FORMAT_VERSION,
                      "config": to_dict(cfg), "model": model.state_dict(), "epoch": 0,
-                     "step": 0}, path)
+                     "step": 0}, path, sealed=True)
         return path
 
     return make

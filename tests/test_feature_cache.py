@@ -8,10 +8,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import DEADLINE_S
+from helpers import DEADLINE_S, rewrite_checkpoint
 from torch import nn
 
 from ssl_sec.augment import EvalTransform
+from ssl_sec.checkpoint import load_checkpoint
 from ssl_sec.evaluation import features as features_mod
 from ssl_sec.evaluation.commands import knn_command
 from ssl_sec.evaluation.features import cached_features, extract_features, file_sha256
@@ -107,9 +108,9 @@ def test_knn_command_uses_the_cache(make_checkpoint, data_root, monkeypatch):
     assert (second["top1"], second["top5"]) == (first["top1"], first["top5"])
     monkeypatch.undo()
     # A changed checkpoint (same name) gets new features.
-    ckpt = torch.load(path, weights_only=True)
+    ckpt = load_checkpoint(path)
     ckpt["epoch"] = 1
-    torch.save(ckpt, path)
+    rewrite_checkpoint(path, ckpt)
     knn_command(path, ["eval.knn_k=5"])
     assert len(list((path.parent / "features").glob("*.pt"))) == 4
 

@@ -58,8 +58,11 @@ def _bomb_text() -> str:
 
 
 def ckpt(tmp: Path, content, name: str = "c.pt") -> str:
+    """A file as ssl_sec writes checkpoints (sealed: what it holds is what a reader meets)."""
+    from ssl_sec.checkpoint import atomic_save
+
     path = tmp / name
-    torch.save(content, path)
+    atomic_save(content, path, sealed=True)
     return str(path)
 
 

@@ -5,9 +5,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import run_cli
+from helpers import rewrite_checkpoint, run_cli
 from torch import nn
 
+from ssl_sec.checkpoint import load_checkpoint
 from ssl_sec.config import LinearConfig, linear_from_dict, load_linear_recipe
 from ssl_sec.data import NORMALIZATION
 from ssl_sec.errors import CheckpointError, ConfigError
@@ -177,9 +178,9 @@ def test_architecture_mismatch_is_refused(make_checkpoint):
 
 def test_weights_that_do_not_fit_the_config_are_refused(make_checkpoint):
     path = make_checkpoint()
-    ckpt = torch.load(path, weights_only=True)
+    ckpt = load_checkpoint(path)
     ckpt["config"]["model"]["arch"] = "resnet34"  # config says resnet34, weights are resnet18
-    torch.save(ckpt, path)
+    rewrite_checkpoint(path, ckpt)
     with pytest.raises(CheckpointError, match="does not match model.arch=resnet34"):
         backbone_and_config(path, [])
 

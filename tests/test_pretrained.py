@@ -10,13 +10,14 @@ from pathlib import Path
 import pytest
 import torch
 import torchvision
-from helpers import DEADLINE_S
+from helpers import DEADLINE_S, rewrite_checkpoint
 from safetensors import safe_open
 from safetensors.torch import load_file
 
 import ssl_sec
 from ssl_sec import cli
 from ssl_sec.archs import build_backbone
+from ssl_sec.checkpoint import load_checkpoint
 from ssl_sec.config import from_dict
 from ssl_sec.engine import optimize_step
 from ssl_sec.errors import ConfigError
@@ -29,13 +30,13 @@ ROOT = Path(__file__).resolve().parents[1]
 def _perturbed(make_checkpoint, *overrides) -> Path:
     """A checkpoint whose every weight and BN statistic is random and non-trivial."""
     path = make_checkpoint(*overrides)
-    ckpt = torch.load(path, weights_only=True)
+    ckpt = load_checkpoint(path)
     g = torch.Generator().manual_seed(0)
     for key, value in ckpt["model"].items():
         if value.is_floating_point():
             noise = torch.rand(value.shape, generator=g)
             value.copy_(noise + 0.5 if "running_var" in key else value + 0.1 * (noise - 0.5))
-    torch.save(ckpt, path)
+    rewrite_checkpoint(path, ckpt)
     return path
 
 
@@ -98,6 +99,53 @@ def test_export_command_never_overwrites(make_checkpoint, tmp_path, capsys):
     assert cli.main(["export", "--checkpoint", str(path), "--out", str(out)]) == 2
     assert "exists" in capsys.readouterr().err and out.read_bytes() == before
     assert cli.main(["export", "--checkpoint", str(path), "--out", str(out), "--force"]) == 0
+
+
+def test_export_format_follows_the_name_and_a_contradiction_is_refused(make_checkpoint,
+                                                                        tmp_path, capsys):
+    """Without --format the extension decides; a name that contradicts --format, or names no
+    format, is one line and writes nothing."""
+    path = make_checkpoint()
+    pt = tmp_path / "w.pt"
+    assert cli.main(["export", "--checkpoint", str(path), "--out", str(pt)]) == 0
+    assert json.loads(capsys.readouterr().out)["format"] == "torchvision"
+    assert torch.load(pt, weights_only=True).keys() == load_file(
+        ssl_sec.export_backbone(path)["file"]).keys()  # a torch state_dict, not safetensors
+    for fmt, name, fragment in [("torchvision", "b.safetensors", "does not name a torchvision"),
+                                ("safetensors", "b.pt", "does not name a safetensors"),
+                                ("timm", "b.pth", "does not name a timm"),
+                                (None, "b.bin", "cannot be told from '.bin'")]:
+        args = ["export", "--checkpoint", str(path), "--out", str(tmp_path / name)]
+        assert cli.main(args + (["--format", fmt] if fmt else [])) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and fragment in err[0], err
+        assert not (tmp_path / name).exists()
+
+
+def test_export_verify_catches_a_flipped_byte(make_checkpoint, tmp_path, capsys):
+    """`ssl-sec export --verify FILE`: an intact export passes (safetensors by its metadata
+    digest, a torchvision .pt by its seal); one flipped bit of a weight, exit 2."""
+    path = make_checkpoint()
+    for name in ("w.safetensors", "w.pt"):
+        out = tmp_path / name
+        ssl_sec.export_backbone(path, out=out)
+        assert cli.main(["export", "--verify", str(out)]) == 0
+        report = json.loads(capsys.readouterr().out)
+        assert report["verified"] and report["tensors"] == 120
+        data = bytearray(out.read_bytes())
+        data[len(data) // 2] ^= 0x01
+        out.write_bytes(bytes(data))
+        assert cli.main(["export", "--verify", str(out)]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and "fails its sha256 check" in err[0], err
+    plain = tmp_path / "plain.safetensors"  # not written by ssl-sec export: nothing to check
+    from safetensors.torch import save_file
+
+    save_file({"w": torch.ones(2)}, str(plain))
+    assert cli.main(["export", "--verify", str(plain)]) == 2
+    assert "carries no ssl_sec digest" in capsys.readouterr().err
+    assert cli.main(["export", "--verify", str(plain), "--out", "x.pt"]) == 2
+    assert "takes no other option" in capsys.readouterr().err
 
 
 def test_load_backbone_with_projector_matches_the_method(make_checkpoint):

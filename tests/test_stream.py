@@ -266,7 +266,7 @@ def test_streamed_run_resumes_exactly(tmp_path, data_root, sample_copy):
     train(small_cfg(tmp_path, "name=b", *stream), progress_bar=False, max_epochs=1)
     result = train(small_cfg(tmp_path, "name=b", *stream), progress_bar=False, resume=True)
     a, b = load_checkpoint(tmp_path / "a" / "last.pt"), load_checkpoint(tmp_path / "b" / "last.pt")
-    assert a["step"] == b["step"] == 2 * (300 // 128)
+    assert a["step"] == b["step"] == 2 * (128 // 32)
     for key, value in a["model"].items():
         torch.testing.assert_close(b["model"][key], value, rtol=0, atol=0, msg=key, equal_nan=True)
     assert 0 <= result["top1"] <= 100
@@ -307,7 +307,8 @@ def test_streamed_evaluation_never_decodes_the_set(tmp_path, data_root, sample_c
 
     monkeypatch.setattr(registry, "load_imagefolder", boom)
     knn = knn_command(ckpt, ["eval.knn_k=10"])
-    assert knn["data_mode"] == "stream" and knn["n_train"] == 300 and knn["n_test"] == 60
+    # The bank: the run's 128 training images (SMALL's subset) of the sample's 300.
+    assert knn["data_mode"] == "stream" and knn["n_train"] == 128 and knn["n_test"] == 60
     root = Path(__file__).resolve().parents[1]
     full = linear_command(ckpt, root / "recipes/linear/imagenet100.yaml",
                           ["optim.epochs=2", "data.test_subset=60"])
@@ -316,7 +317,7 @@ def test_streamed_evaluation_never_decodes_the_set(tmp_path, data_root, sample_c
     for result in (full, fast):
         assert result["data_mode"] == "stream" and result["backbone_unchanged"]
         assert 0 <= result["top1"] <= 100
-    assert full["n_train"] == 300 and full["n_test"] == 60
+    assert full["n_train"] == 300 and full["n_test"] == 60  # the probe: its recipe's data
     shots = kshot_command(ckpt, [1], 2, 0, None, "test", [])
     assert shots["n_images"] == 300
     norms = norms_command(ckpt, ["data.test_subset=40"])

@@ -81,7 +81,7 @@ def test_run_directory_is_never_overwritten_and_resume_checks(tmp_path, data_roo
 
 def test_batch_larger_than_dataset(tmp_path, data_root):
     with pytest.raises(ConfigError, match="optim.batch_size"):
-        train(small_cfg(tmp_path, "data.train_subset=100"), progress_bar=False)
+        train(small_cfg(tmp_path, "data.train_subset=16"), progress_bar=False)
 
 
 @pytest.mark.parametrize("args,fragment,process", [
@@ -116,7 +116,7 @@ def test_knn_command_on_trained_checkpoint(tmp_path, data_root):
     proc = run_cli("knn", "--checkpoint", str(ckpt), "eval.knn_k=10", process=True)
     assert proc.returncode == 0, proc.stderr
     result = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert result["k"] == 10 and result["n_train"] == 512 and result["n_test"] == 200
+    assert result["k"] == 10 and result["n_train"] == 128 and result["n_test"] == 200
     assert 0 <= result["top1"] <= result["top5"] <= 100
     assert json.loads((tmp_path / "run" / "last.knn.json").read_text())["top1"] == result["top1"]
 

@@ -10,7 +10,8 @@ raise-at-step N: the N-th training step raises a RuntimeError (a bug, a failed c
     stuck in a CUDA call would: an interpreter shutdown joining it waits forever). The time of
     the failure and the pids of the DataLoader workers alive then are written as JSON to
     $FAULT_RECORD.
-oom-at-step N: the N-th training step runs out of memory (torch's OutOfMemoryError).
+oom-at-step N: the N-th training step runs out of memory (on a GPU for real: an allocation
+  no GPU holds; on the CPU torch's OutOfMemoryError raised as the CUDA allocator raises it).
 cuda-error-at-step N: the N-th training step triggers a device-side assert (a real CUDA
     error; needs a GPU), with the same record and stuck thread as raise-at-step.
 """
@@ -69,7 +70,9 @@ def fail_at_step(n: int, how: str) -> None:
     def step(model, v1, v2, *args, **kwargs):
         calls[0] += 1
         if calls[0] == n:
-            if how == "oom":
+            if how == "oom" and v1.is_cuda:  # a real one: the allocator cannot serve 4 PiB
+                torch.empty(1 << 52, dtype=torch.uint8, device=v1.device)
+            if how == "oom":  # torch's error as the CUDA allocator raises it
                 raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
             _record_and_wedge()
             if how == "cuda":
