@@ -269,14 +269,14 @@ def test_imagenet100_class_list_missing_classes() -> None:
 
 
 def test_load_dataset_dispatch(tmp_path: Path) -> None:
-    s = load_dataset("imagefolder", SAMPLE, train=True, download=False, image_size=32)
+    s = load_dataset("imagefolder", SAMPLE, "train", download=False, image_size=32)
     assert s.images.shape == (300, 3, 32, 32)
-    assert len(load_dataset("cifar100", DATA, train=False, download=False)) == 916
+    assert len(load_dataset("cifar100", DATA, "test", download=False)) == 916
     with pytest.raises(ConfigError) as e:
-        load_dataset("cifar1000", DATA, train=True, download=False)
+        load_dataset("cifar1000", DATA, "train", download=False)
     assert "cifar10, cifar100, imagefolder" in str(e.value)
     with pytest.raises(ConfigError, match="image_size"):
-        load_dataset("imagefolder", SAMPLE, train=True, download=False)
+        load_dataset("imagefolder", SAMPLE, "train", download=False)
 
 
 # --------------------------------------------------------------------------------------------

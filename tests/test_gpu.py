@@ -56,7 +56,7 @@ def trained(tmp_path_factory, data_root) -> dict:
     tmp = tmp_path_factory.mktemp("gpu_runs")
     # As many steps as 3 epochs of all 50,000 images, also on the GPU pack's CIFAR-10 subset
     # (scripts/gpu_pack.sh): the learning margin below was measured at that many steps.
-    n_train = len(load_dataset("cifar10", None, train=True).labels)
+    n_train = len(load_dataset("cifar10", None, "train").labels)
     epochs = max(3, round(3 * 50_000 / n_train))
     for method in ("simclr", "moco"):
         cfg = _recipe(method, tmp, f"name={method}", f"optim.epochs={epochs}",

@@ -25,7 +25,10 @@ class DatasetSpec:
     name: the `data.dataset` value. title: how people write it. normalization: per-channel
     (mean, std) in [0, 1] scale. folder: an image-folder tree on disk, which can be streamed
     (`data.mode: stream`) instead of decoded into memory.
-    load: (root, train, download, image_size, classes_file, skip_bad) -> the decoded ImageSet.
+    load: (root, split, download, image_size, classes_file, skip_bad) -> the decoded ImageSet
+    of one split, by name. splits: the names it knows; `train` (labelled: the kNN bank and
+    the probe's training set) and `test` always. pretrain: the split self-supervised
+    training reads (STL-10: `unlabeled`); labels of that split are never used.
     """
 
     name: str
@@ -33,30 +36,38 @@ class DatasetSpec:
     normalization: Stats
     folder: bool
     load: Callable[..., ImageSet]
+    splits: tuple[str, ...] = ("train", "test")
+    pretrain: str = "train"
+
+    def check_split(self, split: str) -> None:
+        if split not in self.splits:
+            raise ConfigError(f"{self.name} has no split {split!r}; its splits: "
+                              f"{', '.join(self.splits)}")
 
 
 def _load_cifar(name: str) -> Callable[..., ImageSet]:
-    def load(root, train: bool, download: bool, image_size=None, classes_file=None,
+    def load(root, split: str, download: bool, image_size=None, classes_file=None,
              skip_bad: bool = False) -> ImageSet:
-        return load_cifar(name, root=root, train=train, download=download)
+        return load_cifar(name, root=root, train=split == "train", download=download)
 
     return load
 
 
-def split_folder(root: str | os.PathLike[str] | None, train: bool) -> Path:
-    """`root/train` or `root/val` when that exists, else `root` itself (the class folders)."""
+def split_folder(root: str | os.PathLike[str] | None, split: str) -> Path:
+    """`root/train` (split `train`) or `root/val` (split `test`) when that exists, else
+    `root` itself (the class folders)."""
     base = resolve_root(root)
-    split = Path(base) / ("train" if train else "val")
-    return split if split.is_dir() else Path(base)
+    folder = Path(base) / ("val" if split == "test" else split)
+    return folder if folder.is_dir() else Path(base)
 
 
-def _load_folder(root, train: bool, download: bool, image_size=None,
+def _load_folder(root, split: str, download: bool, image_size=None,
                  classes_file=None, skip_bad: bool = False) -> ImageSet:
     # `download` does not apply: there is no official archive of a folder (a missing folder
     # is an error that names it).
     if image_size is None:
         raise ConfigError("dataset 'imagefolder' needs data.image_size (the stored image side)")
-    return load_imagefolder(split_folder(root, train), image_size, classes_file=classes_file,
+    return load_imagefolder(split_folder(root, split), image_size, classes_file=classes_file,
                             skip_bad=skip_bad)
 
 
@@ -85,15 +96,18 @@ def dataset_spec(name: str) -> DatasetSpec:
     return DATASETS[name]
 
 
-def load_dataset(name: str, root: str | os.PathLike[str] | None, train: bool,
+def load_dataset(name: str, root: str | os.PathLike[str] | None, split: str = "train",
                  download: bool = False, image_size: int | None = None,
                  classes_file: str | os.PathLike[str] | None = None) -> ImageSet:
-    """Decode a dataset's train or test split into memory (an ImageSet).
+    """Decode one split of a dataset (`train`, `test`, or another the dataset names, e.g.
+    STL-10's `unlabeled`) into memory (an ImageSet).
 
     `root` follows :func:`ssl_sec.data.cifar.resolve_root` (argument, `$SSL_SEC_DATA`,
     `./data`). For `imagefolder`, `image_size` is required (images are stored at that size),
     `download` is not supported, and `root/train` or `root/val` is used when it exists,
     otherwise `root` itself holds the class folders.
     """
-    return dataset_spec(name).load(root, train=train, download=download, image_size=image_size,
-                                   classes_file=classes_file)
+    spec = dataset_spec(name)
+    spec.check_split(split)
+    return spec.load(root, split=split, download=download, image_size=image_size,
+                     classes_file=classes_file)

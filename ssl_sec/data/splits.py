@@ -1,7 +1,8 @@
 """The sets a run reads, as three separate concepts: the images it pretrains on (labels
 unused), the labelled bank the kNN monitor and the linear probe train on, and the labelled
-test set. For CIFAR the pretraining set and the bank are the same training images; a dataset
-with an unlabelled split (STL-10) would pretrain on more than its bank without the engine
+test set. Each is a split of the dataset loaded by name (`DatasetSpec.pretrain`, `train`,
+`test`). For CIFAR the pretraining set and the bank are the same training images (loaded
+once); STL-10 pretrains on its `unlabeled` split, more than its bank, without the engine
 knowing. Each set is decoded into memory (`ImageSet`) or streamed from disk (`StreamSet`).
 """
 
@@ -48,8 +49,8 @@ def resolve_mode(d: DataConfig) -> tuple[str, str]:
     if d.mode != "auto":
         return d.mode, f"data.mode={d.mode}"
     counts = []
-    for train, limit in ((True, d.train_subset), (False, d.test_subset)):
-        files, _, _ = list_images(split_folder(d.root, train), d.classes_file)
+    for split, limit in (("train", d.train_subset), ("test", d.test_subset)):
+        files, _, _ = list_images(split_folder(d.root, split), d.classes_file)
         counts.append(min(len(files), limit) if limit else len(files))
     gb = sum(counts) * 3 * d.image_size ** 2 / 2**30
     mode = "memory" if gb <= d.memory_budget_gb else "stream"
@@ -58,9 +59,10 @@ def resolve_mode(d: DataConfig) -> tuple[str, str]:
                   f"data.memory_budget_gb={d.memory_budget_gb:g}")
 
 
-def _restrict(ds: Source, d: DataConfig, limit: int) -> Source:
-    """The recipe's class subset (`data.classes`), then its first-N subset."""
-    if d.classes is not None:
+def _restrict(ds: Source, d: DataConfig, limit: int, labelled: bool = True) -> Source:
+    """The recipe's class subset (`data.classes`; not of an unlabelled split), then its
+    first-N subset."""
+    if d.classes is not None and labelled:
         bad = [c for c in d.classes if not 0 <= c < len(ds.classes)]
         if bad:
             raise ConfigError(f"data.classes has ids {bad} outside 0..{len(ds.classes) - 1} "
@@ -79,20 +81,23 @@ def load_splits(d: DataConfig, cache_dir: Path | None = None, log=None) -> Split
     """
     mode, note = resolve_mode(d)
     spec = dataset_spec(d.dataset)
+    names = dict.fromkeys([spec.pretrain, "train", "test"])  # the pretrain split once
+    limits = {"test": d.test_subset}
     if mode == "memory":
-        sets = [_restrict(spec.load(d.root, train=train, download=d.download,
-                                    image_size=d.image_size, classes_file=d.classes_file,
-                                    skip_bad=d.skip_bad_images), d, limit)
-                for train, limit in ((True, d.train_subset), (False, d.test_subset))]
-        return Splits(pretrain=sets[0], bank=sets[0], test=sets[1], note=note)
+        sets = {name: _restrict(spec.load(d.root, split=name, download=d.download,
+                                          image_size=d.image_size, classes_file=d.classes_file,
+                                          skip_bad=d.skip_bad_images),
+                                d, limits.get(name, d.train_subset), name in ("train", "test"))
+                for name in names}
+        return Splits(sets[spec.pretrain], sets["train"], sets["test"], note=note)
     workers = default_workers() if d.workers is None else d.workers
-    sets = []
-    for train, limit in ((True, d.train_subset), (False, d.test_subset)):
-        folder = split_folder(d.root, train)
+    sets = {}
+    for name in names:
+        folder = split_folder(d.root, name)
         index = build_index(folder, d.classes_file, d.skip_bad_images, cache_dir, log=log)
-        sets.append(StreamSet(_restrict(index, d, limit), folder.name, d.skip_bad_images,
-                              workers))
-    return Splits(pretrain=sets[0], bank=sets[0], test=sets[1], mode="stream", note=note)
+        sets[name] = StreamSet(_restrict(index, d, limits.get(name, d.train_subset)),
+                               folder.name, d.skip_bad_images, workers)
+    return Splits(sets[spec.pretrain], sets["train"], sets["test"], mode="stream", note=note)
 
 
 def class_names(d: DataConfig) -> list[str]:
@@ -100,5 +105,5 @@ def class_names(d: DataConfig) -> list[str]:
     image folder is listed, not decoded."""
     spec = dataset_spec(d.dataset)
     if spec.folder:
-        return list_images(split_folder(d.root, False), d.classes_file)[2]
-    return spec.load(d.root, train=False, download=d.download).classes
+        return list_images(split_folder(d.root, "test"), d.classes_file)[2]
+    return spec.load(d.root, split="test", download=d.download).classes
