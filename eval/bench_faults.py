@@ -72,11 +72,12 @@ def checkpoint_costs() -> dict:
     import torch
 
     from ssl_sec.checkpoint import FORMAT_VERSION, atomic_save, load_checkpoint, save_rotated
-    from ssl_sec.config import load_recipe, to_dict
+    from ssl_sec.config import to_dict
     from ssl_sec.digest import check_seal
     from ssl_sec.engine import build_model
     from ssl_sec.errors import CheckpointError
     from ssl_sec.optim import build_optimizer
+    from ssl_sec.recipe import load_recipe
 
     cfg = load_recipe(ROOT / "recipes" / "cifar10" / "simclr.yaml", ["device=cpu"])
     model = build_model(cfg, torch.device("cpu"))

@@ -45,7 +45,6 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import ROOT, gpu_slug, run_training, write_result  # noqa: E402
 
-from ssl_sec.config import load_recipe  # noqa: E402
 from ssl_sec.data import NORMALIZATION, DeviceLoader, load_splits  # noqa: E402
 from ssl_sec.engine import (  # noqa: E402
     build_augment,
@@ -58,6 +57,7 @@ from ssl_sec.evaluation.features import extract_features  # noqa: E402
 from ssl_sec.evaluation.knn import knn_classify  # noqa: E402
 from ssl_sec.evaluation.linear import linear_command  # noqa: E402
 from ssl_sec.optim import build_optimizer, set_lr  # noqa: E402
+from ssl_sec.recipe import load_recipe  # noqa: E402
 from ssl_sec.runtime import backends, grad_scaler  # noqa: E402
 
 RECIPES = {"simclr": "recipes/cifar10/simclr.yaml", "moco": "recipes/cifar10/moco.yaml"}
@@ -318,7 +318,7 @@ def lightly_step(cfg, device: torch.device):
     model = torch.nn.Sequential(backbone, SimCLRProjectionHead(dim, m.proj_hidden_dim,
                                                                m.proj_output_dim))
     model = model.to(device, memory_format=torch.channels_last)
-    criterion = NTXentLoss(temperature=cfg.loss.temperature)
+    criterion = NTXentLoss(temperature=cfg.loss.infonce.temperature)
     optimizer = LARS(model.parameters(), lr=cfg.optim.lr, momentum=0.9,
                      weight_decay=cfg.optim.weight_decay, trust_coefficient=cfg.optim.lars_eta)
 

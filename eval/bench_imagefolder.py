@@ -58,10 +58,10 @@ def loader_throughput(folder: Path, size: int, workers: int, batch: int, n_batch
     from torch.utils.data import DataLoader
     from torchvision.datasets import ImageFolder
 
-    from ssl_sec.config import load_recipe
     from ssl_sec.data.index import build_index
     from ssl_sec.data.stream import CropStream, StreamLoader
     from ssl_sec.engine import build_augment
+    from ssl_sec.recipe import load_recipe
 
     torch.set_num_threads(1)
     cfg = load_recipe(ROOT / "recipes/imagenet100/simclr.yaml",

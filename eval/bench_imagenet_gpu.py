@@ -236,7 +236,7 @@ def ssl_sec_command(recipe: str, decode: str, ctx: dict, name: str, final_knn: b
 
 def measure_ssl_sec(arch: str, decode: str, ctx: dict, timeout: float) -> dict:
     """One `ssl-sec pretrain` run: whole-epoch images/s, start-up, GPU utilisation."""
-    from ssl_sec.config import load_recipe
+    from ssl_sec.recipe import load_recipe
 
     recipe = RECIPES[arch]
     cfg = load_recipe(ROOT / recipe, ctx["overrides"])
@@ -284,9 +284,9 @@ def child_loader(spec: dict) -> dict:
     branch), per decode; batches are on the device when counted."""
     import torch
 
-    from ssl_sec.config import load_recipe
     from ssl_sec.data import load_splits
     from ssl_sec.data.stream import BytesStream, CropStream, StreamLoader
+    from ssl_sec.recipe import load_recipe
 
     device = torch.device(spec["device"])
     out = {}
@@ -333,7 +333,7 @@ def child_lightly(spec: dict) -> dict:
     import torch
     from torchvision.datasets import ImageFolder
 
-    from ssl_sec.config import load_recipe
+    from ssl_sec.recipe import load_recipe
     from ssl_sec.runtime import backends
 
     device = bench_gpu.DEVICE = torch.device(spec["device"])

@@ -2,7 +2,7 @@
 
     python eval/bench_objective.py --n 512 --d 128 --repeats 30 --block 10
 
-All four objectives run through `ssl_sec.losses.Objective` on the same (N, d) projections of
+All four objectives run through `ssl_sec.objective.Objective` on the same (N, d) projections of
 two views, in one process, timed in blocks of `--block` calls with the variants rotated
 `--repeats` times; figures are medians, plus minor page faults per call. Target (issue 3):
 at most 1.3x.
@@ -31,15 +31,16 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import write_result  # noqa: E402
 
-from ssl_sec.config import LossConfig  # noqa: E402
 from ssl_sec.cpu_memory import ENV_VAR, keep_freed_memory  # noqa: E402
-from ssl_sec.losses import Objective, pairwise_similarities  # noqa: E402
+from ssl_sec.losses import pairwise_similarities  # noqa: E402
+from ssl_sec.objective import Objective  # noqa: E402
+from ssl_sec.recipe import from_dict  # noqa: E402
 
 VARIANTS = {
     "infonce": {},
-    "infonce+sec": {"sec_eta": 0.01},
-    "infonce+circle": {"w_circle": 1.0},
-    "infonce+sec+circle": {"sec_eta": 0.01, "w_circle": 1.0},
+    "infonce+sec": {"sec": {"eta": 0.01}},
+    "infonce+circle": {"circle": {"weight": 1.0}},
+    "infonce+sec+circle": {"sec": {"eta": 0.01}, "circle": {"weight": 1.0}},
 }
 
 
@@ -55,7 +56,8 @@ def measure(args: argparse.Namespace) -> dict:
     """Median milliseconds, ratios to InfoNCE and page faults per call, for each variant."""
     g = torch.Generator().manual_seed(0)
     z1, z2 = torch.randn(args.n, args.d, generator=g), torch.randn(args.n, args.d, generator=g)
-    objectives = {k: Objective(LossConfig(temperature=0.2, **v)) for k, v in VARIANTS.items()}
+    objectives = {k: Objective(from_dict({"loss": {"infonce": {"temperature": 0.2}, **v}}).loss)
+                  for k, v in VARIANTS.items()}
     for obj in objectives.values():  # warm-up: thread pools, first allocations
         run(obj, z1, z2)
     # Blocks of `--block` calls per variant, the variants rotated `--repeats` times: single

@@ -30,11 +30,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import ROOT, write_result  # noqa: E402
 
 from ssl_sec.checkpoint import load_checkpoint  # noqa: E402
-from ssl_sec.config import from_dict, load_recipe  # noqa: E402
 from ssl_sec.cpu_memory import keep_freed_memory  # noqa: E402
 from ssl_sec.data import load_splits  # noqa: E402
 from ssl_sec.engine import build_augment, build_model, knn_monitor, train  # noqa: E402
 from ssl_sec.evaluation.knn import knn_evaluate  # noqa: E402
+from ssl_sec.recipe import from_dict, load_recipe  # noqa: E402
 
 
 def main() -> None:

@@ -21,11 +21,11 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import write_result  # noqa: E402
 
-from ssl_sec.config import load_recipe  # noqa: E402
 from ssl_sec.cpu_memory import keep_freed_memory  # noqa: E402
 from ssl_sec.data import load_cifar  # noqa: E402
 from ssl_sec.engine import build_augment, build_model, make_views, optimize_step  # noqa: E402
 from ssl_sec.optim import build_optimizer  # noqa: E402
+from ssl_sec.recipe import load_recipe  # noqa: E402
 
 
 def main() -> None:

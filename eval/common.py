@@ -89,9 +89,9 @@ def run_training(recipe: str, overrides: list[str], out_dir: str | Path, name: s
     import contextlib
     import io
 
-    from ssl_sec.config import load_recipe
     from ssl_sec.cpu_memory import keep_freed_memory
     from ssl_sec.engine import train
+    from ssl_sec.recipe import load_recipe
 
     keep_freed_memory()  # as the ssl-sec command does at start-up
 

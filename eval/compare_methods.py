@@ -23,9 +23,9 @@ from common import CPU_SMALL, ROOT, run_training, write_result  # noqa: E402
 
 OBJECTIVES = {
     "infonce": [],
-    "infonce+sec": ["loss.sec_eta=0.01", "loss.sec_ramp=linear"],
-    "infonce+circle": ["loss.w_circle=1.0"],
-    "infonce+sec+circle": ["loss.sec_eta=0.01", "loss.sec_ramp=linear", "loss.w_circle=1.0"],
+    "infonce+sec": ["loss.sec.eta=0.01", "loss.sec.ramp=linear"],
+    "infonce+circle": ["loss.circle.weight=1.0"],
+    "infonce+sec+circle": ["loss.sec.eta=0.01", "loss.sec.ramp=linear", "loss.circle.weight=1.0"],
 }
 METHODS = {"simclr": [], "moco": ["method=moco", "moco.queue_size=4096", "moco.momentum=0.99"]}
 
@@ -42,7 +42,7 @@ def main() -> None:
     else:
         best = json.loads((ROOT / "eval/results/circle_sweep_cpu.json").read_text())["best"]
         margin, gamma = best["margin"], best["gamma"]
-    circle = [f"loss.circle_margin={margin}", f"loss.circle_gamma={gamma}"]
+    circle = [f"loss.circle.margin={margin}", f"loss.circle.gamma={gamma}"]
     runs, table = [], {}
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:

@@ -41,7 +41,7 @@ def main() -> None:
                             tmp, f"{name}_s{seed}")
 
     def circle(m: float, g: float) -> list[str]:
-        return ["loss.w_circle=1.0", f"loss.circle_margin={m}", f"loss.circle_gamma={g}"]
+        return ["loss.circle.weight=1.0", f"loss.circle.margin={m}", f"loss.circle.gamma={g}"]
 
     with tempfile.TemporaryDirectory() as tmp:
         t0 = time.perf_counter()

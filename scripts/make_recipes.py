@@ -96,17 +96,19 @@ SEC = """\
   # SEC (Zhang et al. 2020) on the projector output of both views (MoCo: of the queries).
   # The weight ramps linearly from 0 to eta over the run, as in the SEC authors' SSL code;
   # eta = 0.01 is the default weight of their SEC class; mu is the detached batch mean norm.
-  sec_eta: 0.01
-  sec_ramp: linear
-  sec_mu: batch
-  sec_on: projector
+  sec:
+    eta: 0.01
+    ramp: linear
+    mu: batch
+    features: projector
 """
 CIRCLE_TEXT = f"""\
   # Circle-style term (Sun et al. 2020) beside InfoNCE. No published SSL setting exists;
   # margin and gamma come from the sweep in eval/sweep_circle.py (eval/RESULTS.md).
-  w_circle: 1.0
-  circle_margin: {CIRCLE['margin']}
-  circle_gamma: {CIRCLE['gamma']}
+  circle:
+    weight: 1.0
+    margin: {CIRCLE['margin']}
+    gamma: {CIRCLE['gamma']}
 """
 OBJECTIVES = {"": ("InfoNCE", ""), "_sec": ("InfoNCE + SEC", SEC),
               "_circle": ("InfoNCE + Circle", CIRCLE_TEXT),
@@ -123,7 +125,7 @@ def main() -> None:
                 text = (f"# {'MoCo v2' if method == 'moco' else 'SimCLR'} with {title} on "
                         f"{pretty}, ResNet-18 (CIFAR stem).\n{body}"
                         f"name: {name}\ndata:\n  dataset: {dataset}\n"
-                        f"loss:\n  temperature: {TEMPERATURE[method]}\n{loss}"
+                        f"loss:\n  infonce:\n    temperature: {TEMPERATURE[method]}\n{loss}"
                         "eval:\n  knn_every: 10\n  knn_k: 200\n  knn_temperature: 0.1\n")
                 path = ROOT / dataset / f"{method}{suffix}.yaml"
                 path.parent.mkdir(parents=True, exist_ok=True)

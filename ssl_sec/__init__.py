@@ -20,8 +20,8 @@ __version__ = "0.2.0"
 
 # name -> module that defines it
 _EXPORTS = {
-    "load_recipe": "config",
-    "Config": "config",
+    "load_recipe": "recipe",
+    "Config": "recipe",
     "train": "engine",
     "load_backbone": "pretrained",
     "export_backbone": "pretrained",

@@ -16,7 +16,7 @@ from .preemption import PREEMPTED_EXIT, Preempted
 
 EPILOG = """examples:
   ssl-sec pretrain recipes/quickstart.yaml
-  ssl-sec pretrain recipes/cifar10/simclr.yaml optim.lr=0.6 loss.sec_eta=0.1 name=sec01
+  ssl-sec pretrain recipes/cifar10/simclr.yaml optim.lr=0.6 loss.sec.eta=0.1 name=sec01
   ssl-sec pretrain recipes/cifar10/simclr.yaml --resume
   ssl-sec pretrain recipes/cifar10/simclr.yaml --auto-resume ckpt_every_minutes=5   # cluster jobs
   ssl-sec pretrain recipes/cifar10/simclr.yaml --resume-from runs/cifar10_simclr/prev.pt
@@ -26,7 +26,7 @@ EPILOG = """examples:
   ssl-sec kshot --checkpoint runs/c100_src/last.pt --shots 1 5 --target-classes 50-99
   ssl-sec norms --checkpoint runs/quickstart/last.pt
   ssl-sec export --checkpoint runs/quickstart/last.pt --format torchvision
-  ssl-sec config recipes/cifar10/simclr_sec.yaml loss.sec_ramp=constant
+  ssl-sec config recipes/cifar10/simclr_sec.yaml loss.sec.ramp=constant
 data: data.root in the recipe, else $SSL_SEC_DATA, else ./data (downloaded when missing).
 exit codes: 0 done; 2 a user error (one line on stderr); 75 stopped by SIGTERM, SIGUSR1 or
 SIGINT after writing a checkpoint (continue with --resume); 130 a second Ctrl-C."""
@@ -47,7 +47,7 @@ def _parser() -> argparse.ArgumentParser:
     pre = sub.add_parser("pretrain", help="self-supervised pretraining from a recipe")
     pre.add_argument("recipe", help="recipe YAML, e.g. recipes/cifar10/simclr.yaml")
     pre.add_argument("overrides", nargs="*", metavar="key=value",
-                     help="dotted overrides, e.g. optim.lr=0.3 loss.sec_eta=0.1")
+                     help="dotted overrides, e.g. optim.lr=0.3 loss.sec.eta=0.1")
     start = pre.add_mutually_exclusive_group()
     start.add_argument("--resume", action="store_true",
                        help="continue the run in out_dir/name from its last.pt")
@@ -142,8 +142,8 @@ def main(argv: list[str] | None = None) -> int:
     keep_freed_memory()
     try:
         if args.command == "pretrain":
-            from .config import load_recipe
             from .engine import train
+            from .recipe import load_recipe
 
             if args.max_epochs is not None and args.max_epochs < 1:
                 raise UserError(f"--max-epochs {args.max_epochs}: must be >= 1")
@@ -194,8 +194,9 @@ def main(argv: list[str] | None = None) -> int:
                 print(json.dumps(export_backbone(args.checkpoint, args.format, args.out,
                                                  args.force)), flush=True)
         elif args.command == "config":
-            from .config import load_recipe, to_yaml
+            from .config import to_yaml
             from .provenance import history
+            from .recipe import load_recipe
 
             if (args.run is None) == (args.recipe is None):
                 raise UserError("config: pass a recipe (and overrides), or --run DIR for a "

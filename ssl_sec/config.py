@@ -1,8 +1,13 @@
-"""The recipe schema: one set of dataclasses that holds every default.
+"""The recipe schema's core: dataclass sections that hold every default and check their own
+fields, and the machinery that builds them from YAML.
 
 A recipe YAML names only what differs from these defaults; unknown keys, wrong types and
 out-of-range values are errors (`ConfigError`), never silently ignored. Dotted overrides
 (`optim.lr=0.3`) are parsed as YAML scalars and go through the same checks.
+
+This module knows no method, loss term or kNN backend: those own their sections, and
+`ssl_sec/recipe.py`, above their registries, assembles the whole schema (`Config`) and
+checks the registry names. So nothing here imports them, and there is no import circle.
 """
 
 from __future__ import annotations
@@ -14,6 +19,7 @@ import re
 import reprlib
 import types
 import typing
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -25,15 +31,88 @@ from .data.registry import DATASETS
 from .errors import ConfigError
 from .runtime import PRECISIONS
 
+# ----------------------------------------------------------------------------- checks
+MAX_SEED = 2**32 - 1
+_SHOW = reprlib.Repr()
+_SHOW.maxlevel, _SHOW.maxlist, _SHOW.maxdict, _SHOW.maxstring, _SHOW.maxother = 2, 4, 4, 60, 60
 
+# Field metadata: may this key differ between a run and its resumption? "free": where
+# things are and how often to log or evaluate; "adjustable": it changes the optimisation,
+# but the NaN advice names it, so a resume may change it (and says so). Every other key
+# changes the optimisation and must match.
+FREE = {"resume": "free"}
+ADJUSTABLE = {"resume": "adjustable"}
+
+
+def show(value: Any) -> str:
+    """`repr(value)` cut to a readable length: an error message quotes what it was given,
+    and a YAML alias bomb must not become a gigabyte of text."""
+    text = _SHOW.repr(value)
+    return text if len(text) <= 120 else text[:117] + "..."
+
+
+def _plain_name(name: str) -> bool:
+    return (0 < len(name) <= 200 and name not in (".", "..") and "/" not in name
+            and not any(ord(c) < 32 for c in name))
+
+
+class Need:
+    """The recipe-range check of one section: `need(ok, key, value, rule)` raises the user's
+    error "section.key=value is out of range: it must be rule" when `ok` is false."""
+
+    def __init__(self, prefix: str = ""):
+        self.prefix = prefix
+
+    def __call__(self, ok: bool, key: str, value: Any, rule: str) -> None:
+        if not ok:
+            raise ConfigError(f"{self.prefix}{key}={show(value)} is out of range: it must be "
+                              f"{rule}")
+
+    def choice(self, key: str, value: Any, options: Iterable) -> None:
+        options = tuple(options)
+        self(value in options, key, value, "one of " + ", ".join(map(str, options)))
+
+    def pair(self, key: str, value: list[float], lo: float, hi: float) -> None:
+        self(len(value) == 2 and lo <= value[0] <= value[1] <= hi, key, value,
+             f"[low, high] with {lo} <= low <= high <= {hi}")
+
+    def probability(self, key: str, value: float) -> None:
+        self(0.0 <= value <= 1.0, key, value, "a probability in [0, 1]")
+
+    def section(self, name: str) -> Need:
+        return Need(f"{self.prefix}{name}.")
+
+
+def check_sections(cfg: Any, need: Need) -> None:
+    """Run `check` of every section (a dataclass field holding one) of `cfg`."""
+    for f in dataclasses.fields(cfg):
+        section = getattr(cfg, f.name)
+        if dataclasses.is_dataclass(section) and hasattr(section, "check"):
+            section.check(need.section(f.name))
+
+
+def resume_policy(cls: type, prefix: str = "") -> dict[str, str]:
+    """{dotted key: "free" | "adjustable"} from the fields' metadata, sections included."""
+    policy: dict[str, str] = {}
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        if "resume" in f.metadata:
+            policy[prefix + f.name] = f.metadata["resume"]
+        section = _section_type(hints[f.name])
+        if section is not None:
+            policy.update(resume_policy(section, f"{prefix}{f.name}."))
+    return policy
+
+
+# ----------------------------------------------------------------------------- sections
 @dataclass
 class DataConfig:
     dataset: str = "cifar10"
     # Where the data lives; None means $SSL_SEC_DATA, then ./data.
-    root: str | None = None
+    root: str | None = field(default=None, metadata=FREE)
     # Download the official archive (md5-verified) when the data is not found (CIFAR; an
     # image folder has no official archive).
-    download: bool = True
+    download: bool = field(default=True, metadata=FREE)
     # Keep only these class ids (e.g. source classes for few-shot transfer); None = all.
     classes: list[int] | None = None
     # Use only the first N training / test images (0 = all): for quick runs and tests.
@@ -48,9 +127,9 @@ class DataConfig:
     # ssl_sec/data/stream.py); "auto": memory when the decoded set fits memory_budget_gb.
     # CIFAR is always in memory.
     mode: str = "auto"
-    memory_budget_gb: float = 8.0
+    memory_budget_gb: float = field(default=8.0, metadata=FREE)
     # Stream: DataLoader worker processes (null = every core of the machine).
-    workers: int | None = None
+    workers: int | None = field(default=None, metadata=FREE)
     # Stream: "cpu" decodes in the workers; "gpu" has them read the file bytes only and the
     # device decode the JPEGs (torchvision.io.decode_jpeg on CUDA).
     decode: str = "cpu"
@@ -59,6 +138,23 @@ class DataConfig:
     # Stream evaluation view: shorter side resized to this before the centre crop at
     # augment.size (null: augment.size / 0.875, i.e. 256 for 224).
     eval_resize: int | None = None
+
+    def check(self, need: Need) -> None:
+        need.choice("dataset", self.dataset, DATASETS)
+        need(self.train_subset >= 0, "train_subset", self.train_subset, ">= 0")
+        need(self.test_subset >= 0, "test_subset", self.test_subset, ">= 0")
+        need(self.image_size >= 8, "image_size", self.image_size, ">= 8")
+        need.choice("mode", self.mode, ("auto", "memory", "stream"))
+        need(self.memory_budget_gb > 0, "memory_budget_gb", self.memory_budget_gb, "> 0")
+        need(self.workers is None or 0 <= self.workers <= 256, "workers", self.workers,
+             "in [0, 256] (null: every core)")
+        need.choice("decode", self.decode, ("cpu", "gpu"))
+        if self.mode == "stream" and not DATASETS[self.dataset].folder:
+            need(False, "mode", self.mode, f"memory or auto for {self.dataset} (only image "
+                 "folders are streamed)")
+        if self.decode == "gpu":
+            need(self.mode != "memory", "decode", self.decode, "cpu with data.mode=memory (GPU "
+                 "decoding is a streaming option)")
 
 
 @dataclass
@@ -79,6 +175,17 @@ class AugmentConfig:
     blur_sigma: list[float] = field(default_factory=lambda: [0.1, 2.0])
     solarize_p: float = 0.0
 
+    def check(self, need: Need) -> None:
+        need(self.size >= 8, "size", self.size, ">= 8")
+        for key in ("hflip_p", "jitter_p", "gray_p", "blur_p", "solarize_p"):
+            need.probability(key, getattr(self, key))
+        for key in ("brightness", "contrast", "saturation"):
+            need(getattr(self, key) >= 0, key, getattr(self, key), ">= 0")
+        need(0.0 <= self.hue <= 0.5, "hue", self.hue, "in [0, 0.5]")
+        need.pair("crop_scale", self.crop_scale, 1e-6, 1.0)
+        need.pair("crop_ratio", self.crop_ratio, 1e-6, 1e6)
+        need.pair("blur_sigma", self.blur_sigma, 1e-6, 1e6)
+
 
 @dataclass
 class ModelConfig:
@@ -90,43 +197,16 @@ class ModelConfig:
     # channels_last helps convolutions on GPUs and on recent CPUs alike.
     channels_last: bool = True
 
-
-@dataclass
-class MocoConfig:
-    queue_size: int = 4096
-    momentum: float = 0.99
-    # "constant" or "cosine" (cosine-increased to 1 over the run, as BYOL / solo-learn).
-    momentum_schedule: str = "constant"
-    symmetric: bool = True
-    # Single-device BatchNorm remedy: "split" (split-BN into groups) or "none".
-    bn_remedy: str = "split"
-    bn_splits: int = 8
-
-
-@dataclass
-class LossConfig:
-    temperature: float = 0.2
-    w_infonce: float = 1.0
-    # SEC: eta(t) * mean_i (||z_i|| - mu)^2.
-    sec_eta: float = 0.0
-    # "constant" or "linear" (0 -> eta over the run, as the SEC authors' SSL code).
-    sec_ramp: str = "constant"
-    # "batch": mu = detached mean norm of the batch; "ema": mu kept in a checkpointed buffer.
-    sec_mu: str = "batch"
-    sec_momentum: float = 0.1
-    # "projector" (z, default) or "backbone" (pooled features h).
-    sec_on: str = "projector"
-    # Circle-style term (issue 3). margin / gamma: the best mean over 3 seeds of the sweep
-    # in eval/sweep_circle.py (eval/RESULTS.md), as in the recipes.
-    w_circle: float = 0.0
-    circle_margin: float = 0.4
-    circle_gamma: float = 4.0
+    def check(self, need: Need) -> None:
+        check_arch(self.arch, self.cifar_stem)
+        need(self.proj_hidden_dim >= 1, "proj_hidden_dim", self.proj_hidden_dim, ">= 1")
+        need(self.proj_output_dim >= 1, "proj_output_dim", self.proj_output_dim, ">= 1")
 
 
 @dataclass
 class OptimConfig:
     name: str = "lars"
-    lr: float = 0.8
+    lr: float = field(default=0.8, metadata=ADJUSTABLE)
     momentum: float = 0.9
     weight_decay: float = 1e-5
     batch_size: int = 512
@@ -135,28 +215,54 @@ class OptimConfig:
     # Final lr of the cosine schedule as a fraction of lr.
     min_lr_ratio: float = 0.0
     # Max gradient norm (0 = no clipping).
-    grad_clip: float = 0.0
+    grad_clip: float = field(default=0.0, metadata=ADJUSTABLE)
     # LARS trust coefficient.
     lars_eta: float = 0.02
+
+    def check(self, need: Need) -> None:
+        need.choice("name", self.name, ("sgd", "lars"))
+        need(self.lr > 0, "lr", self.lr, "> 0")
+        need(0.0 <= self.momentum < 1.0, "momentum", self.momentum, "in [0, 1)")
+        need(self.weight_decay >= 0, "weight_decay", self.weight_decay, ">= 0")
+        need(self.batch_size >= 2, "batch_size", self.batch_size,
+             ">= 2 (contrastive pairs need negatives)")
+        need(self.epochs >= 1, "epochs", self.epochs, ">= 1")
+        need(0 <= self.warmup_epochs <= self.epochs, "warmup_epochs", self.warmup_epochs,
+             "in [0, optim.epochs]")
+        need(0.0 <= self.min_lr_ratio <= 1.0, "min_lr_ratio", self.min_lr_ratio, "in [0, 1]")
+        need(self.grad_clip >= 0, "grad_clip", self.grad_clip, ">= 0")
+        need(self.lars_eta > 0, "lars_eta", self.lars_eta, "> 0")
 
 
 @dataclass
 class EvalConfig:
     # Run the kNN monitor every this many epochs (0 = only at the end).
-    knn_every: int = 10
+    knn_every: int = field(default=10, metadata=FREE)
     knn_k: int = 200
     knn_temperature: float = 0.1
-    knn_backend: str = "auto"
+    # One of ssl_sec.evaluation.knn.BACKENDS (checked with the other registry names, in
+    # ssl_sec/recipe.py).
+    knn_backend: str = field(default="auto", metadata=FREE)
     # Memory budget for one chunk of the kNN similarity matrix.
-    knn_memory_mb: int = 1024
+    knn_memory_mb: int = field(default=1024, metadata=FREE)
+
+    def check(self, need: Need) -> None:
+        need(self.knn_every >= 0, "knn_every", self.knn_every, ">= 0")
+        need(self.knn_k >= 1, "knn_k", self.knn_k, ">= 1")
+        need(self.knn_temperature > 0, "knn_temperature", self.knn_temperature, "> 0")
+        need(self.knn_memory_mb >= 1, "knn_memory_mb", self.knn_memory_mb, ">= 1")
 
 
 @dataclass
-class Config:
+class BaseConfig:
+    """The core of a pretraining recipe. The full schema, `ssl_sec.recipe.Config`, adds the
+    objective's term sections (`loss.<term>`) and each method's own section from their
+    registries."""
+
     method: str = "simclr"
     seed: int = 0
     # "auto" = cuda when available, else cpu.
-    device: str = "auto"
+    device: str = field(default="auto", metadata=FREE)
     # auto | bf16 | fp16 | fp32 (ssl_sec/runtime.py): "auto" = bf16 autocast on CUDA (fp16 +
     # loss scaling on GPUs without bf16), fp32 on the CPU; "bf16" is autocast on the CPU too.
     precision: str = "auto"
@@ -164,16 +270,16 @@ class Config:
     # without it.
     deterministic: bool = False
     # Runs go to out_dir/name; an existing run directory is never overwritten.
-    out_dir: str = "runs"
-    name: str = "run"
-    log_every: int = 50
+    out_dir: str = field(default="runs", metadata=FREE)
+    name: str = field(default="run", metadata=FREE)
+    log_every: int = field(default=50, metadata=FREE)
     # Keep a numbered checkpoint every this many epochs (0 = only last.pt).
-    ckpt_every: int = 50
+    ckpt_every: int = field(default=50, metadata=FREE)
     # last.pt is written at every epoch end and, within an epoch, every this many steps
     # and/or minutes (0 = off), with the loader position: a kill loses at most one
     # interval. The checkpoint it replaces is kept as prev.pt.
-    ckpt_every_steps: int = 0
-    ckpt_every_minutes: float = 10.0
+    ckpt_every_steps: int = field(default=0, metadata=FREE)
+    ckpt_every_minutes: float = field(default=10.0, metadata=FREE)
     data: DataConfig = field(default_factory=DataConfig)
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     # The second view's augmentation when the views differ (BYOL's and solo-learn's
@@ -181,10 +287,32 @@ class Config:
     # `augment`'s values; absent = both views use `augment`.
     augment2: AugmentConfig | None = None
     model: ModelConfig = field(default_factory=ModelConfig)
-    moco: MocoConfig = field(default_factory=MocoConfig)
-    loss: LossConfig = field(default_factory=LossConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+
+    def check(self, need: Need) -> None:
+        """The top-level keys, every section, and the checks that span sections."""
+        need.choice("device", self.device.split(":")[0], ("auto", "cpu", "cuda"))
+        need.choice("precision", self.precision, PRECISIONS)
+        need(0 <= self.seed <= MAX_SEED, "seed", self.seed, f"in [0, {MAX_SEED}] (a 32-bit seed)")
+        need(self.log_every >= 1, "log_every", self.log_every, ">= 1")
+        need(self.ckpt_every >= 0, "ckpt_every", self.ckpt_every, ">= 0")
+        need(self.ckpt_every_steps >= 0, "ckpt_every_steps", self.ckpt_every_steps,
+             ">= 0 (0 = off)")
+        need(self.ckpt_every_minutes >= 0, "ckpt_every_minutes", self.ckpt_every_minutes,
+             ">= 0 (0 = off)")
+        need(_plain_name(self.name), "name", self.name,
+             "a folder name of 1 to 200 characters, not '.' or '..', without '/' or control "
+             "characters")
+        need(bool(self.out_dir) and "\0" not in self.out_dir, "out_dir", self.out_dir,
+             "a folder path")
+        check_sections(self, need)
+        d = self.data
+        need(d.eval_resize is None or d.eval_resize >= self.augment.size, "data.eval_resize",
+             d.eval_resize, f">= augment.size={self.augment.size} (null: augment.size / 0.875)")
+        if self.augment2 is not None:
+            need(self.augment2.size == self.augment.size, "augment2.size", self.augment2.size,
+                 f"equal to augment.size={self.augment.size} (both views go through one batch)")
 
 
 # ----------------------------------------------------------------------------- linear probe
@@ -205,6 +333,20 @@ class LinearDataConfig:
     image_size: int | None = None
     classes_file: str | None = None
 
+    def check(self, need: Need) -> None:
+        if self.dataset is not None:
+            need.choice("dataset", self.dataset, DATASETS)
+        if isinstance(self.classes, str):
+            need(self.classes == "all", "classes", self.classes,
+                 "a list of class ids, 'all' or null")
+        elif self.classes is not None:
+            need(len(self.classes) > 0, "classes", self.classes, "a non-empty list of class ids")
+        for key in ("train_subset", "test_subset"):
+            v = getattr(self, key)
+            need(v is None or v >= 0, key, v, ">= 0")
+        need(self.image_size is None or self.image_size >= 8, "image_size", self.image_size,
+             ">= 8")
+
 
 @dataclass
 class LinearModelConfig:
@@ -213,6 +355,10 @@ class LinearModelConfig:
 
     arch: str | None = None
     cifar_stem: bool | None = None
+
+    def check(self, need: Need) -> None:
+        if self.arch is not None:
+            check_arch(self.arch, False)
 
 
 @dataclass
@@ -232,6 +378,20 @@ class LinearOptimConfig:
     milestones: list[int] = field(default_factory=lambda: [60, 80])
     gamma: float = 0.1
 
+    def check(self, need: Need) -> None:
+        need(self.lr > 0, "lr", self.lr, "> 0")
+        need(0.0 <= self.momentum < 1.0, "momentum", self.momentum, "in [0, 1)")
+        need(not self.nesterov or self.momentum > 0, "nesterov", self.nesterov,
+             "false when optim.momentum is 0 (Nesterov needs momentum)")
+        need(self.weight_decay >= 0, "weight_decay", self.weight_decay, ">= 0")
+        need(self.batch_size >= 1, "batch_size", self.batch_size, ">= 1")
+        need(self.epochs >= 1, "epochs", self.epochs, ">= 1")
+        need.choice("schedule", self.schedule, ("cosine", "step"))
+        need(list(self.milestones) == sorted(self.milestones)
+             and all(m >= 1 for m in self.milestones),
+             "milestones", self.milestones, "increasing epochs >= 1")
+        need(0.0 < self.gamma <= 1.0, "gamma", self.gamma, "in (0, 1]")
+
 
 @dataclass
 class LinearAugmentConfig:
@@ -242,6 +402,13 @@ class LinearAugmentConfig:
     padding: int = 4
     crop_scale: list[float] = field(default_factory=lambda: [0.08, 1.0])
     hflip_p: float = 0.5
+
+    def check(self, need: Need) -> None:
+        need.choice("crop", self.crop, ("pad", "resized"))
+        need(self.padding >= 0, "padding", self.padding, ">= 0")
+        need(len(self.crop_scale) == 2 and 0.0 < self.crop_scale[0] <= self.crop_scale[1] <= 1.0,
+             "crop_scale", self.crop_scale, "[low, high] with 0 < low <= high <= 1")
+        need.probability("hflip_p", self.hflip_p)
 
 
 @dataclass
@@ -259,134 +426,12 @@ class LinearConfig:
     optim: LinearOptimConfig = field(default_factory=LinearOptimConfig)
     augment: LinearAugmentConfig = field(default_factory=LinearAugmentConfig)
 
-
-# ----------------------------------------------------------------------------- checks
-MAX_SEED = 2**32 - 1
-_SHOW = reprlib.Repr()
-_SHOW.maxlevel, _SHOW.maxlist, _SHOW.maxdict, _SHOW.maxstring, _SHOW.maxother = 2, 4, 4, 60, 60
-
-
-def show(value: Any) -> str:
-    """`repr(value)` cut to a readable length: an error message quotes what it was given,
-    and a YAML alias bomb must not become a gigabyte of text."""
-    text = _SHOW.repr(value)
-    return text if len(text) <= 120 else text[:117] + "..."
-
-
-def _plain_name(name: str) -> bool:
-    return (0 < len(name) <= 200 and name not in (".", "..") and "/" not in name
-            and not any(ord(c) < 32 for c in name))
-
-
-def _need(ok: bool, key: str, value: Any, rule: str) -> None:
-    if not ok:
-        raise ConfigError(f"{key}={show(value)} is out of range: it must be {rule}")
-
-
-def _choice(key: str, value: Any, options: tuple) -> None:
-    _need(value in options, key, value, "one of " + ", ".join(map(str, options)))
-
-
-def _check_ranges(cfg: Config) -> None:
-    need, choice = _need, _choice
-
-    def pair(key: str, value: list[float], lo: float, hi: float) -> None:
-        need(len(value) == 2 and lo <= value[0] <= value[1] <= hi, key, value,
-             f"[low, high] with {lo} <= low <= high <= {hi}")
-
-    # The registries are the lists of names (imported here: they import this module).
-    from .evaluation.knn import BACKENDS
-    from .methods import METHODS
-
-    choice("method", cfg.method, tuple(METHODS))
-    choice("device", cfg.device.split(":")[0], ("auto", "cpu", "cuda"))
-    choice("precision", cfg.precision, PRECISIONS)
-    need(0 <= cfg.seed <= MAX_SEED, "seed", cfg.seed, f"in [0, {MAX_SEED}] (a 32-bit seed)")
-    need(cfg.log_every >= 1, "log_every", cfg.log_every, ">= 1")
-    need(cfg.ckpt_every >= 0, "ckpt_every", cfg.ckpt_every, ">= 0")
-    need(cfg.ckpt_every_steps >= 0, "ckpt_every_steps", cfg.ckpt_every_steps, ">= 0 (0 = off)")
-    need(cfg.ckpt_every_minutes >= 0, "ckpt_every_minutes", cfg.ckpt_every_minutes,
-         ">= 0 (0 = off)")
-    need(_plain_name(cfg.name), "name", cfg.name,
-         "a folder name of 1 to 200 characters, not '.' or '..', without '/' or control "
-         "characters")
-    need(bool(cfg.out_dir) and "\0" not in cfg.out_dir, "out_dir", cfg.out_dir, "a folder path")
-    d = cfg.data
-    choice("data.dataset", d.dataset, DATASETS)
-    need(d.train_subset >= 0, "data.train_subset", d.train_subset, ">= 0")
-    need(d.test_subset >= 0, "data.test_subset", d.test_subset, ">= 0")
-    need(d.image_size >= 8, "data.image_size", d.image_size, ">= 8")
-    choice("data.mode", d.mode, ("auto", "memory", "stream"))
-    need(d.memory_budget_gb > 0, "data.memory_budget_gb", d.memory_budget_gb, "> 0")
-    need(d.workers is None or 0 <= d.workers <= 256, "data.workers", d.workers,
-         "in [0, 256] (null: every core)")
-    choice("data.decode", d.decode, ("cpu", "gpu"))
-    need(d.eval_resize is None or d.eval_resize >= cfg.augment.size, "data.eval_resize",
-         d.eval_resize, f">= augment.size={cfg.augment.size} (null: augment.size / 0.875)")
-    if d.mode == "stream" and not DATASETS[d.dataset].folder:
-        need(False, "data.mode", d.mode, f"memory or auto for {d.dataset} (only image folders "
-             "are streamed)")
-    if d.decode == "gpu":
-        need(d.mode != "memory", "data.decode", d.decode, "cpu with data.mode=memory (GPU "
-             "decoding is a streaming option)")
-    for section, a in (("augment", cfg.augment), ("augment2", cfg.augment2)):
-        if a is None:
-            continue
-        need(a.size >= 8, f"{section}.size", a.size, ">= 8")
-        for key in ("hflip_p", "jitter_p", "gray_p", "blur_p", "solarize_p"):
-            v = getattr(a, key)
-            need(0.0 <= v <= 1.0, f"{section}.{key}", v, "a probability in [0, 1]")
-        for key in ("brightness", "contrast", "saturation"):
-            need(getattr(a, key) >= 0, f"{section}.{key}", getattr(a, key), ">= 0")
-        need(0.0 <= a.hue <= 0.5, f"{section}.hue", a.hue, "in [0, 0.5]")
-        pair(f"{section}.crop_scale", a.crop_scale, 1e-6, 1.0)
-        pair(f"{section}.crop_ratio", a.crop_ratio, 1e-6, 1e6)
-        pair(f"{section}.blur_sigma", a.blur_sigma, 1e-6, 1e6)
-    if cfg.augment2 is not None:
-        need(cfg.augment2.size == cfg.augment.size, "augment2.size", cfg.augment2.size,
-             f"equal to augment.size={cfg.augment.size} (both views go through one batch)")
-    m = cfg.model
-    check_arch(m.arch, m.cifar_stem)
-    need(m.proj_hidden_dim >= 1, "model.proj_hidden_dim", m.proj_hidden_dim, ">= 1")
-    need(m.proj_output_dim >= 1, "model.proj_output_dim", m.proj_output_dim, ">= 1")
-    mo = cfg.moco
-    need(mo.queue_size >= 1, "moco.queue_size", mo.queue_size, ">= 1")
-    need(0.0 <= mo.momentum <= 1.0, "moco.momentum", mo.momentum, "in [0, 1]")
-    choice("moco.momentum_schedule", mo.momentum_schedule, ("constant", "cosine"))
-    choice("moco.bn_remedy", mo.bn_remedy, ("split", "none"))
-    need(mo.bn_splits >= 1, "moco.bn_splits", mo.bn_splits, ">= 1")
-    lo = cfg.loss
-    need(lo.temperature > 0, "loss.temperature", lo.temperature, "> 0")
-    need(lo.w_infonce >= 0, "loss.w_infonce", lo.w_infonce, ">= 0")
-    need(lo.w_circle >= 0, "loss.w_circle", lo.w_circle, ">= 0")
-    need(lo.sec_eta >= 0, "loss.sec_eta", lo.sec_eta, ">= 0")
-    need(lo.w_infonce + lo.w_circle > 0, "loss.w_infonce", lo.w_infonce,
-         "> 0 unless loss.w_circle > 0 (a contrastive term is needed)")
-    choice("loss.sec_ramp", lo.sec_ramp, ("constant", "linear"))
-    choice("loss.sec_mu", lo.sec_mu, ("batch", "ema"))
-    need(0.0 < lo.sec_momentum <= 1.0, "loss.sec_momentum", lo.sec_momentum, "in (0, 1]")
-    choice("loss.sec_on", lo.sec_on, ("projector", "backbone"))
-    need(0.0 <= lo.circle_margin <= 1.0, "loss.circle_margin", lo.circle_margin, "in [0, 1]")
-    need(lo.circle_gamma > 0, "loss.circle_gamma", lo.circle_gamma, "> 0")
-    o = cfg.optim
-    choice("optim.name", o.name, ("sgd", "lars"))
-    need(o.lr > 0, "optim.lr", o.lr, "> 0")
-    need(0.0 <= o.momentum < 1.0, "optim.momentum", o.momentum, "in [0, 1)")
-    need(o.weight_decay >= 0, "optim.weight_decay", o.weight_decay, ">= 0")
-    need(o.batch_size >= 2, "optim.batch_size", o.batch_size, ">= 2 (contrastive pairs need negatives)")
-    need(o.epochs >= 1, "optim.epochs", o.epochs, ">= 1")
-    need(0 <= o.warmup_epochs <= o.epochs, "optim.warmup_epochs", o.warmup_epochs,
-         "in [0, optim.epochs]")
-    need(0.0 <= o.min_lr_ratio <= 1.0, "optim.min_lr_ratio", o.min_lr_ratio, "in [0, 1]")
-    need(o.grad_clip >= 0, "optim.grad_clip", o.grad_clip, ">= 0")
-    need(o.lars_eta > 0, "optim.lars_eta", o.lars_eta, "> 0")
-    e = cfg.eval
-    need(e.knn_every >= 0, "eval.knn_every", e.knn_every, ">= 0")
-    need(e.knn_k >= 1, "eval.knn_k", e.knn_k, ">= 1")
-    need(e.knn_temperature > 0, "eval.knn_temperature", e.knn_temperature, "> 0")
-    choice("eval.knn_backend", e.knn_backend, BACKENDS)
-    METHODS[cfg.method].check_config(cfg, need)
-    need(e.knn_memory_mb >= 1, "eval.knn_memory_mb", e.knn_memory_mb, ">= 1")
+    def check(self, need: Need) -> None:
+        need.choice("mode", self.mode, ("full", "features"))
+        need(0 <= self.seed <= MAX_SEED, "seed", self.seed, f"in [0, {MAX_SEED}] (a 32-bit seed)")
+        need.choice("device", self.device.split(":")[0], ("auto", "cpu", "cuda"))
+        need.choice("precision", self.precision, PRECISIONS)
+        check_sections(self, need)
 
 
 # ----------------------------------------------------------------------------- building
@@ -490,7 +535,7 @@ def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
 
 
 def parse_overrides(overrides: list[str]) -> dict:
-    """`["optim.lr=0.3", "loss.sec_eta=0.1"]` -> nested dict; values parsed as YAML scalars."""
+    """`["optim.lr=0.3", "loss.sec.eta=0.1"]` -> nested dict; values parsed as YAML scalars."""
     tree: dict = {}
     for item in overrides:
         key, sep, raw = item.partition("=")
@@ -512,29 +557,6 @@ def _merge(base: dict, extra: dict) -> dict:
         else:
             out[key] = value
     return out
-
-
-def from_dict(values: dict, overrides: list[str] | None = None) -> Config:
-    """Build and validate a Config from a nested dict plus dotted overrides."""
-    merged = _merge(values or {}, parse_overrides(overrides or []))
-    if isinstance(merged.get("augment2"), dict):
-        # The second view's keys that are not given take the first view's values.
-        first = _build(AugmentConfig, merged.get("augment", {}), "augment.")
-        merged["augment2"] = {**dataclasses.asdict(first), **merged["augment2"]}
-    cfg = _build(Config, merged, "")
-    _check_ranges(cfg)
-    return cfg
-
-
-def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Config:
-    """Read a recipe YAML (safe_load) and apply `key=value` overrides."""
-    path = Path(path)
-    cfg = from_dict(_read_yaml(path, "recipes/quickstart.yaml"), overrides)
-    # A class list named in a recipe is found beside the recipe (recipes/imagenet100/).
-    listed = cfg.data.classes_file
-    if listed and not Path(listed).is_absolute() and (path.parent / listed).is_file():
-        cfg.data.classes_file = str((path.parent / listed).resolve())
-    return cfg
 
 
 class _RecipeLoader(yaml.SafeLoader):
@@ -599,52 +621,11 @@ def _read_yaml(path: Path, example: str) -> dict:
     return values
 
 
-# ----------------------------------------------------------------------------- linear recipes
-def _check_linear_ranges(cfg: LinearConfig) -> None:
-    need, choice = _need, _choice
-
-    choice("mode", cfg.mode, ("full", "features"))
-    need(0 <= cfg.seed <= MAX_SEED, "seed", cfg.seed, f"in [0, {MAX_SEED}] (a 32-bit seed)")
-    choice("device", cfg.device.split(":")[0], ("auto", "cpu", "cuda"))
-    choice("precision", cfg.precision, PRECISIONS)
-    d = cfg.data
-    if d.dataset is not None:
-        choice("data.dataset", d.dataset, DATASETS)
-    if isinstance(d.classes, str):
-        need(d.classes == "all", "data.classes", d.classes, "a list of class ids, 'all' or null")
-    elif d.classes is not None:
-        need(len(d.classes) > 0, "data.classes", d.classes, "a non-empty list of class ids")
-    for key in ("train_subset", "test_subset"):
-        v = getattr(d, key)
-        need(v is None or v >= 0, f"data.{key}", v, ">= 0")
-    need(d.image_size is None or d.image_size >= 8, "data.image_size", d.image_size, ">= 8")
-    if cfg.model.arch is not None:
-        check_arch(cfg.model.arch, False)
-    o = cfg.optim
-    need(o.lr > 0, "optim.lr", o.lr, "> 0")
-    need(0.0 <= o.momentum < 1.0, "optim.momentum", o.momentum, "in [0, 1)")
-    need(not o.nesterov or o.momentum > 0, "optim.nesterov", o.nesterov,
-         "false when optim.momentum is 0 (Nesterov needs momentum)")
-    need(o.weight_decay >= 0, "optim.weight_decay", o.weight_decay, ">= 0")
-    need(o.batch_size >= 1, "optim.batch_size", o.batch_size, ">= 1")
-    need(o.epochs >= 1, "optim.epochs", o.epochs, ">= 1")
-    choice("optim.schedule", o.schedule, ("cosine", "step"))
-    need(list(o.milestones) == sorted(o.milestones) and all(m >= 1 for m in o.milestones),
-         "optim.milestones", o.milestones, "increasing epochs >= 1")
-    need(0.0 < o.gamma <= 1.0, "optim.gamma", o.gamma, "in (0, 1]")
-    a = cfg.augment
-    choice("augment.crop", a.crop, ("pad", "resized"))
-    need(a.padding >= 0, "augment.padding", a.padding, ">= 0")
-    need(len(a.crop_scale) == 2 and 0.0 < a.crop_scale[0] <= a.crop_scale[1] <= 1.0,
-         "augment.crop_scale", a.crop_scale, "[low, high] with 0 < low <= high <= 1")
-    need(0.0 <= a.hflip_p <= 1.0, "augment.hflip_p", a.hflip_p, "a probability in [0, 1]")
-
-
 def linear_from_dict(values: dict, overrides: list[str] | None = None) -> LinearConfig:
     """Build and validate a LinearConfig from a nested dict plus dotted overrides."""
     merged = _merge(values or {}, parse_overrides(overrides or []))
     cfg = _build(LinearConfig, merged, "")
-    _check_linear_ranges(cfg)
+    cfg.check(Need())
     return cfg
 
 
@@ -655,9 +636,9 @@ def load_linear_recipe(path: str | Path | None, overrides: list[str] | None = No
     return linear_from_dict(_read_yaml(Path(path), "recipes/linear/cifar.yaml"), overrides)
 
 
-def to_dict(cfg: Config | LinearConfig) -> dict:
+def to_dict(cfg: Any) -> dict:
     return dataclasses.asdict(cfg)
 
 
-def to_yaml(cfg: Config) -> str:
+def to_yaml(cfg: Any) -> str:
     return yaml.safe_dump(to_dict(cfg), sort_keys=True)

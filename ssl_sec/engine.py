@@ -29,7 +29,7 @@ from .checkpoint import (
     save_rotated,
     training_state,
 )
-from .config import AugmentConfig, Config, from_dict, show
+from .config import AugmentConfig, resume_policy, show
 from .data import NORMALIZATION, DeviceLoader, load_splits
 from .data.crops import read_centre
 from .data.stream import BytesStream, CropStream, StreamLoader, eval_resize_for
@@ -40,6 +40,7 @@ from .methods import build_model
 from .optim import build_optimizer, set_lr
 from .preemption import Preempted, StopRequests
 from .provenance import CHANGES, CONFIG, config_changes, record_changes
+from .recipe import Config, from_stored
 from .run_dir import RunDir, open_run, run_root
 from .runtime import (
     autocast_for,
@@ -51,15 +52,11 @@ from .runtime import (
 )
 from .schedules import lr_at
 
-# Keys that may differ between a run and its resumption: where things are and how often
-# to log or evaluate. Everything else changes the optimisation and must match.
-RESUMABLE_CHANGES = ("device", "out_dir", "name", "log_every", "ckpt_every",
-                     "ckpt_every_steps", "ckpt_every_minutes", "data.root", "data.download",
-                     "data.workers", "data.memory_budget_gb", "eval.knn_every",
-                     "eval.knn_backend", "eval.knn_memory_mb")
-# What the NaN message advises: they change the optimisation, so a resume that changes
-# them is allowed but says so.
-ADJUSTABLE_ON_RESUME = ("optim.lr", "optim.grad_clip")
+# Keys that may differ between a run and its resumption (field metadata in config.py):
+# "free" (where things are, how often to log or evaluate) and "adjustable" (what the NaN
+# message advises: it changes the optimisation, so a resume that changes it says so).
+# Everything else changes the optimisation and must match.
+RESUME_POLICY = resume_policy(Config)
 
 
 # ----------------------------------------------------------------------------- setup
@@ -86,10 +83,13 @@ def build_augment(cfg: Config, device: torch.device, crop: bool = True
 
 def check_resume_config(saved: dict, cfg: Config) -> dict[str, list]:
     """Refuse a resume whose recipe changes the optimisation; return every change (keys of
-    RESUMABLE_CHANGES and ADJUSTABLE_ON_RESUME only): {dotted key: [saved, now]}."""
+    RESUME_POLICY only): {dotted key: [saved, now]}. The saved config may come from an
+    older version: its keys are moved to their current place first (recipe.upgrade), and
+    sections it lacks (added since) hold their defaults."""
+    saved = config_mod.to_dict(from_stored(saved))
     changes = config_changes(saved, config_mod.to_dict(cfg))
     refused = [f"{key}: {show(a)} -> {show(b)}" for key, (a, b) in changes.items()
-               if key not in RESUMABLE_CHANGES and key not in ADJUSTABLE_ON_RESUME]
+               if key not in RESUME_POLICY]
     if refused:
         raise ConfigError("--resume with a recipe that differs from the run's config.yaml in "
                           + "; ".join(refused) + "; resume with the same recipe and overrides")
@@ -120,7 +120,7 @@ def _read_resume(run: RunDir, cfg: Config, world: int) -> tuple[dict, dict[str, 
     ckpt = load_checkpoint(run.resume_from, training=True)  # its config is a dict
     changes = check_resume_config(ckpt["config"], cfg)
     for key, (old, new) in changes.items():
-        if key in ADJUSTABLE_ON_RESUME:
+        if RESUME_POLICY.get(key) == "adjustable":
             say(f"note: resuming with a changed {key}: {old!r} -> {new!r} (allowed for this "
                 f"key, recorded in {CHANGES} with the step it applies from)")
     saved_world = ckpt.get("world_size", len(ckpt["rng"]) if isinstance(ckpt["rng"], list) else 1)
@@ -368,7 +368,7 @@ def _train(cfg: Config, device: torch.device, run: RunDir, progress_bar: bool | 
     if main:  # config.yaml: the config the run started with; a resume appends its changes
         if not (run.root / CONFIG).is_file():
             (run.root / CONFIG).write_text(recipe if ckpt is None else
-                                           config_mod.to_yaml(from_dict(ckpt["config"])))
+                                           config_mod.to_yaml(from_stored(ckpt["config"])))
     say("config:\n" + recipe.rstrip())
     say(f"run directory: {run.root}  (TensorBoard: tensorboard --logdir {run.root / 'tb'})")
     say(f"device {device} x {world} process(es), {len(splits.pretrain.labels)} pretraining / "

@@ -1,4 +1,6 @@
-"""Loss terms as pure functions (float32 math even under bf16 autocast), plus the Objective.
+"""Loss functions, pure (float32 math even under bf16 autocast): the similarity record both
+methods build, InfoNCE and Circle (plain and fused), SEC. The objective's terms
+(ssl_sec/terms/) and the Objective that sums them (ssl_sec/objective.py) are built on these.
 
 Notation (docs/methods.md): z1, z2 are the un-normalised projector outputs of the two views,
 Shape (N, d); u = z / ||z||; T the temperature.
@@ -12,18 +14,14 @@ so the similarities are computed once per step.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
-from .config import LossConfig
-from .distributed import all_reduce_mean, gather_with_grad, rank, world_size
-from .schedules import sec_weight
+from .distributed import gather_with_grad, rank, world_size
 
-__all__ = ["Objective", "Similarities", "Terms", "circle_contrastive", "circle_from",
+__all__ = ["Similarities", "circle_contrastive", "circle_from",
            "circle_logits", "circle_queue", "contrastive_losses", "info_nce", "info_nce_from",
            "moco_info_nce", "pairwise_similarities", "queue_similarities", "sec_loss"]
 
@@ -306,17 +304,19 @@ def _check_circle(margin: float, gamma: float) -> None:
         raise ValueError(f"circle gamma must be > 0, got {gamma}")
 
 
-def sec_loss(z: torch.Tensor, mu: torch.Tensor | float | None = None) -> torch.Tensor:
+def sec_loss(z: torch.Tensor, mu: torch.Tensor | float | None = None,
+             norms: torch.Tensor | None = None) -> torch.Tensor:
     """Spherical embedding constraint: mean_i (||z_i|| - mu)^2.
 
     Args:
         z: un-normalised embeddings. Shape (M, d).
         mu: target radius; None means the detached mean norm of `z` (the batch variant).
+        norms: the detached row norms of `z` (M,) when the caller has them already.
     Returns:
         Scalar. Its gradient w.r.t. z_i is purely radial: (2/M)(n_i - mu) z_i / n_i.
     """
     z = z.float()
-    norms = z.detach().norm(dim=1)
+    norms = z.detach().norm(dim=1) if norms is None else norms
     return _SecLoss.apply(z, norms, norms.mean() if mu is None else mu)
 
 
@@ -337,94 +337,3 @@ class _SecLoss(torch.autograd.Function):
         z, norms, dev = ctx.saved_tensors
         scale = torch.where(norms > 0, dev / norms, 0.0) * (2.0 / norms.shape[0]) * grad
         return z * scale[:, None], None, None
-
-
-@dataclass
-class Terms:
-    """What a method's step returns: named loss terms (total included) and diagnostics."""
-
-    losses: dict[str, torch.Tensor]
-    diagnostics: dict[str, torch.Tensor]
-    # Norms of the embeddings SEC looks at, (M,), for the norm histogram.
-    norms: torch.Tensor | None = None
-
-
-class Objective(nn.Module):
-    """L = w_infonce * InfoNCE + w_circle * Circle + eta(t) * SEC from one similarity matrix.
-
-    A term with weight 0 is not computed. The only state is SEC's running mu (EMA variant):
-    a registered buffer, so it is checkpointed with the model and restored on resume.
-    """
-
-    def __init__(self, cfg: LossConfig):
-        super().__init__()
-        self.cfg = cfg
-        # 0 = not started (a mean norm is > 0). Not NaN: two identical runs' checkpoints
-        # must compare equal tensor by tensor, and NaN != NaN.
-        self.register_buffer("sec_mu", torch.tensor(0.0))
-
-    def _sec_mu(self, norms: torch.Tensor) -> torch.Tensor:
-        # The global batch's mean norm: the same mu on every rank (equal local batches).
-        batch_mu = all_reduce_mean(norms.detach().mean())
-        if self.cfg.sec_mu == "batch":
-            return batch_mu
-        if self.training:
-            rho = self.cfg.sec_momentum
-            # First step: start the running mean at the batch mean, not at 0.
-            # (NaN: the "not started" of checkpoints written before 0 took its place.)
-            unset = (self.sec_mu == 0) | torch.isnan(self.sec_mu)
-            new = torch.where(unset, batch_mu,
-                              (1 - rho) * self.sec_mu + rho * batch_mu)
-            self.sec_mu.copy_(new)
-        return self.sec_mu.clone()
-
-    def forward(self, s: Similarities, embeddings: torch.Tensor, sec_input: torch.Tensor,
-                progress: float, diagnostics: bool = True) -> Terms:
-        """s: the step's similarities; embeddings: (M, d) un-normalised projections (for
-        diagnostics); sec_input: (M', k) what SEC constrains; progress in [0, 1].
-        `diagnostics=False` skips the monitoring statistics (the loop asks for them only on
-        the steps it logs, keeping them out of the hot path)."""
-        cfg = self.cfg
-        # InfoNCE and Circle in one fused pass over the matrix; their values come back
-        # detached for logging, the gradient flows through `total`.
-        total, losses = contrastive_losses(
-            s, cfg.temperature, cfg.w_infonce, (cfg.circle_margin, cfg.circle_gamma),
-            cfg.w_circle)
-        eta = sec_weight(cfg.sec_eta, cfg.sec_ramp, progress)
-        sec_input = sec_input.float()
-        norms = sec_input.detach().norm(dim=1)
-        if cfg.sec_eta > 0:
-            losses["sec"] = _SecLoss.apply(sec_input, norms, self._sec_mu(norms))
-            total = total + eta * losses["sec"]
-        losses["total"] = total
-        diag: dict[str, torch.Tensor] = {}
-        if diagnostics:
-            diag = _diagnostics(s, embeddings, norms)
-            diag["sec_weight"] = s.sim.new_tensor(eta)
-        return Terms(losses, diag, norms)
-
-
-@torch.no_grad()
-def _diagnostics(s: Similarities, embeddings: torch.Tensor, norms: torch.Tensor
-                 ) -> dict[str, torch.Tensor]:
-    """Collapse and norm detectors, all on-device tensors (no host sync here)."""
-    sim = s.sim.detach()
-    candidates = s.masked(sim.clone())
-    pos = sim.gather(1, s.pos[:, None])
-    neg_mask = torch.isfinite(candidates) & ~s.pos_mask()
-    neg_mean = (sim * neg_mask).sum() / neg_mask.sum().clamp_min(1)
-    # Contrastive top-1: is the positive the most similar valid candidate?
-    top1 = (candidates.argmax(dim=1) == s.pos).float().mean() * 100
-    u = F.normalize(embeddings.detach().float(), dim=1)
-    mean, std = norms.mean(), norms.std()
-    return {
-        "norm_mean": mean,
-        "norm_std": std,
-        "norm_cv": std / mean.clamp_min(1e-12),
-        "pos_sim": pos.mean(),
-        "neg_sim": neg_mean,
-        "contrastive_top1": top1,
-        # About 1/sqrt(d) for embeddings spread over the sphere, 0 under complete collapse.
-        "z_dim_std": u.std(dim=0).mean(),
-        "z_dim_std_ideal": u.new_tensor(1.0 / math.sqrt(u.shape[1])),
-    }

@@ -1,35 +1,51 @@
-"""The encoder (a backbone from ssl_sec/archs.py and a projection head), momentum copies and
-split BatchNorm."""
+"""The encoder (a backbone from ssl_sec/archs.py and a head the method builds with `mlp`),
+momentum copies and split BatchNorm."""
 
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING
 
 import torch
-from lightly.models.modules.heads import MoCoProjectionHead, SimCLRProjectionHead
+from lightly.models.modules.heads import ProjectionHead
 from torch import nn
 from torch.nn import functional as F
 
 from .archs import build_backbone
-from .config import ModelConfig
+
+if TYPE_CHECKING:
+    from .config import ModelConfig
 
 
-def build_projector(in_dim: int, cfg: ModelConfig, head: str = "simclr") -> nn.Module:
-    """2-layer MLP heads from lightly: SimCLR's (Linear-BN-ReLU-Linear) or MoCo v2's
-    (Linear-ReLU-Linear, no BN: BN in the head would leak the positive pair through batch
-    statistics)."""
-    if head == "moco":
-        return MoCoProjectionHead(in_dim, cfg.proj_hidden_dim, cfg.proj_output_dim)
-    return SimCLRProjectionHead(in_dim, cfg.proj_hidden_dim, cfg.proj_output_dim, num_layers=2)
+def mlp(dims: Sequence[int], batch_norm: bool = True, last_bn: bool = False,
+        last_affine: bool = True, bias: bool | None = None) -> nn.Module:
+    """The heads every method builds: lightly's `ProjectionHead` of Linear(-BN)-ReLU blocks
+    through `dims` (in, hidden..., out), the last block Linear(-BN) without activation.
+
+    A Linear followed by BN has no bias (BN's shift replaces it) unless `bias` says for
+    every Linear. SimCLR's projector:
+    mlp([D, 2048, 128], last_bn=True) (lightly's SimCLRProjectionHead); MoCo v2's:
+    mlp([D, 2048, 128], batch_norm=False) (BN in its head would leak the positive pair
+    through batch statistics); MoCo v3's last BN has no affine parameters."""
+    blocks = []
+    for i, (a, b) in enumerate(zip(dims[:-1], dims[1:], strict=False)):
+        last = i == len(dims) - 2
+        bn = (nn.BatchNorm1d(b, affine=last_affine) if last_bn else None) if last else \
+            (nn.BatchNorm1d(b) if batch_norm else None)
+        block = (a, b, bn, None if last else nn.ReLU())
+        blocks.append(block if bias is None else (*block, bias))
+    return ProjectionHead(blocks)
 
 
 class Encoder(nn.Module):
-    """Backbone + projector; forward returns (h, z): pooled features (B,D), projection (B,d)."""
+    """Backbone + projector; forward returns (h, z): pooled features (B,D), projection (B,d).
+    `head` builds the projector from the backbone's feature dimension D."""
 
-    def __init__(self, cfg: ModelConfig, head: str = "simclr", image_size: int = 224):
+    def __init__(self, cfg: ModelConfig, head: Callable[[int], nn.Module], image_size: int = 224):
         super().__init__()
         self.backbone, self.feat_dim = build_backbone(cfg.arch, cfg.cifar_stem, image_size)
-        self.projector = build_projector(self.feat_dim, cfg, head)
+        self.projector = head(self.feat_dim)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         h = self.backbone(x)

@@ -25,9 +25,10 @@ from torch import nn
 from . import __version__
 from .archs import TIMM, build_backbone, has_cifar_stem
 from .checkpoint import atomic_save, load_checkpoint
-from .config import Config, _merge, from_dict, to_yaml
+from .config import _merge, to_yaml
 from .digest import check_seal, digest
 from .errors import CheckpointError, ConfigError, UserError
+from .recipe import Config, from_dict, upgrade
 
 BACKBONE_PREFIX = "encoder.backbone."
 # Each format and the file names it may be written under (a reader trusts the name).
@@ -44,7 +45,7 @@ def checkpoint_config(path: Path, ckpt: dict, overrides: list[str] | None = None
     The backbone's shape cannot be changed after training: asking for another `model.arch` or
     `model.cifar_stem` than the checkpoint holds is a CheckpointError, not a silent rebuild.
     """
-    saved = ckpt["config"]
+    saved = upgrade(ckpt["config"])
     try:
         from_dict(saved)
     except ConfigError as err:

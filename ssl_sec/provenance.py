@@ -15,7 +15,9 @@ from pathlib import Path
 
 import yaml
 
+from .config import to_yaml
 from .errors import UserError
+from .recipe import from_stored
 
 CONFIG = "config.yaml"
 CHANGES = "changes.jsonl"
@@ -48,7 +50,6 @@ def record_changes(root: Path, step: int, changes: dict[str, list]) -> None:
 def history(root: str | Path) -> str:
     """The run's history as printed by `ssl-sec config --run DIR`: each change with its step,
     as comments, then the config in effect now (config.yaml with the changes applied)."""
-    from .config import from_dict, to_yaml
 
     root = Path(root)
     if not (root / CONFIG).is_file():
@@ -76,4 +77,4 @@ def history(root: str | Path) -> str:
                 node = node.setdefault(part, {})
             node[leaf] = new
     lines.append("# the config in effect now:")
-    return "\n".join(lines) + "\n" + to_yaml(from_dict(values))
+    return "\n".join(lines) + "\n" + to_yaml(from_stored(values))

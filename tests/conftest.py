@@ -43,8 +43,9 @@ def make_checkpoint(tmp_path):
     fast; `overrides` are dotted config overrides.
     """
     from ssl_sec.checkpoint import FORMAT_VERSION, atomic_save
-    from ssl_sec.config import from_dict, to_dict
+    from ssl_sec.config import to_dict
     from ssl_sec.engine import build_model
+    from ssl_sec.recipe import from_dict
 
     def make(*overrides: str, name: str = "run", seed: int = 0) -> Path:
         cfg = from_dict({}, ["model.cifar_stem=false", "model.proj_hidden_dim=64",

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from ssl_sec.config import Config, from_dict
+from ssl_sec.recipe import Config, from_dict
 
 # ResNet-18 with the ImageNet stem at 32x32, 4 steps of 32 images an epoch, keeps these runs
 # to seconds on two cores.

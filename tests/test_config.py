@@ -4,8 +4,9 @@ from pathlib import Path
 
 import pytest
 
-from ssl_sec.config import Config, from_dict, load_recipe, parse_overrides, to_yaml
+from ssl_sec.config import parse_overrides, to_yaml
 from ssl_sec.errors import ConfigError
+from ssl_sec.recipe import Config, from_dict, load_recipe
 
 RECIPES = sorted((Path(__file__).parents[1] / "recipes").rglob("*.yaml"))
 
@@ -25,9 +26,9 @@ def test_every_recipe_loads(path):
 
 
 def test_overrides_apply_and_parse_types():
-    cfg = from_dict({}, ["optim.lr=0.3", "loss.sec_eta=0.1", "data.classes=[0,1,2]",
+    cfg = from_dict({}, ["optim.lr=0.3", "loss.sec.eta=0.1", "data.classes=[0,1,2]",
                          "model.cifar_stem=false", "data.root=/tmp/x"])
-    assert cfg.optim.lr == 0.3 and cfg.loss.sec_eta == 0.1
+    assert cfg.optim.lr == 0.3 and cfg.loss.sec.eta == 0.1
     assert cfg.data.classes == [0, 1, 2] and cfg.model.cifar_stem is False
     assert cfg.data.root == "/tmp/x"
     assert from_dict({"optim": {"lr": 1}}).optim.lr == 1.0  # int accepted for a float
@@ -42,13 +43,13 @@ def test_overrides_apply_and_parse_types():
     ("optim.epochs=1.5", "'optim.epochs' must be int"),
     ("augment.gray_p=1.5", "augment.gray_p"),
     ("augment.jitter_p=-0.1", "augment.jitter_p"),
-    ("loss.temperature=0", "loss.temperature"),
-    ("loss.temperature=-1", "loss.temperature"),
+    ("loss.infonce.temperature=0", "loss.infonce.temperature"),
+    ("loss.infonce.temperature=-1", "loss.infonce.temperature"),
     ("optim.batch_size=1", "optim.batch_size"),
     ("augment.crop_scale=[0.9,0.1]", "augment.crop_scale"),
     ("data.dataset=mnist", "data.dataset"),
     ("model.arch=vit", "model.arch"),
-    ("loss.sec_ramp=cubic", "loss.sec_ramp"),
+    ("loss.sec.ramp=cubic", "loss.sec.ramp"),
     ("model.cifar_stem=3", "'model.cifar_stem' must be bool"),
     ("optim=3", "optim must be a mapping"),
     ("optim.lr", "key=value"),
@@ -80,7 +81,7 @@ def test_recipe_file_errors(tmp_path):
 
 
 def test_yaml_round_trip():
-    cfg = from_dict({}, ["optim.lr=0.5", "loss.sec_eta=0.2"])
+    cfg = from_dict({}, ["optim.lr=0.5", "loss.sec.eta=0.2"])
     import yaml
 
     assert from_dict(yaml.safe_load(to_yaml(cfg))) == cfg

@@ -340,8 +340,8 @@ def test_device_loader_rejects_oversized_batch() -> None:
 
 
 def test_splits_separate_pretraining_bank_and_test() -> None:
-    from ssl_sec.config import from_dict
     from ssl_sec.data import load_splits
+    from ssl_sec.recipe import from_dict
 
     cfg = from_dict({}, [f"data.root={DATA}", "data.dataset=cifar100", "data.train_subset=100",
                          "data.test_subset=50", "data.classes=[0,1,2,3,4]"])

@@ -11,12 +11,15 @@ import torch.multiprocessing as mp
 from helpers import DEADLINE_S, queue_keys
 from torch import nn
 
-from ssl_sec.config import LossConfig, from_dict
-from ssl_sec.losses import Objective, pairwise_similarities
+from ssl_sec.losses import pairwise_similarities
+from ssl_sec.methods import METHODS
+from ssl_sec.objective import Objective
+from ssl_sec.recipe import from_dict
 
 N, D_IN, D = 8, 12, 6
-LOSS = LossConfig(temperature=0.3, w_infonce=1.0, w_circle=0.5, circle_margin=0.25,
-                  circle_gamma=8.0, sec_eta=0.2)
+LOSS = from_dict({"loss": {"infonce": {"temperature": 0.3, "weight": 1.0},
+                           "circle": {"weight": 0.5, "margin": 0.25, "gamma": 8.0},
+                           "sec": {"eta": 0.2}}}).loss
 
 
 def _data():
@@ -89,7 +92,7 @@ def test_two_processes_match_one(tmp_path):
     torch.testing.assert_close(q0, q1, rtol=0, atol=0)
 
 
-@pytest.mark.parametrize("method", ["simclr", "moco"])
+@pytest.mark.parametrize("method", list(METHODS))
 def test_torchrun_two_cpu_processes_train_end_to_end(tmp_path, data_root, method):
     import shutil
     import subprocess

@@ -30,8 +30,8 @@ INJECT = ROOT / "tests" / "tools" / "fault_inject.py"
 BASE = ["pretrain", "recipes/quickstart.yaml", "data.train_subset=128", "data.test_subset=100",
         "model.proj_hidden_dim=64", "model.proj_output_dim=16", "optim.batch_size=32",
         "optim.epochs=2", "optim.warmup_epochs=0.5", "eval.knn_every=0", "eval.knn_k=10",
-        "log_every=1", "ckpt_every=0", "ckpt_every_minutes=0", "loss.sec_eta=0.05",
-        "loss.sec_mu=ema"]
+        "log_every=1", "ckpt_every=0", "ckpt_every_minutes=0", "loss.sec.eta=0.05",
+        "loss.sec.mu=ema"]
 STEPS = 8
 
 

@@ -19,7 +19,6 @@ import torch
 from ssl_sec import engine
 from ssl_sec.augment import LinearTrainAugment, ViewAugment
 from ssl_sec.checkpoint import load_checkpoint
-from ssl_sec.config import load_recipe
 from ssl_sec.data import NORMALIZATION, DeviceLoader, load_dataset, load_splits
 from ssl_sec.engine import (
     build_augment,
@@ -31,14 +30,16 @@ from ssl_sec.engine import (
 )
 from ssl_sec.evaluation.knn import knn_classify
 from ssl_sec.evaluation.linear import linear_command
+from ssl_sec.methods import METHODS
 from ssl_sec.optim import build_optimizer, set_lr
+from ssl_sec.recipe import load_recipe
 from ssl_sec.runtime import grad_scaler
 from ssl_sec.schedules import lr_at
 
 pytestmark = pytest.mark.gpu
 
 ROOT = Path(__file__).resolve().parents[1]
-SEC_CIRCLE = ["loss.sec_eta=0.01", "loss.sec_ramp=linear", "loss.w_circle=0.5"]
+SEC_CIRCLE = ["loss.sec.eta=0.01", "loss.sec.ramp=linear", "loss.circle.weight=0.5"]
 RECIPES = {"simclr": "recipes/cifar10/simclr.yaml", "moco": "recipes/cifar10/moco.yaml"}
 
 
@@ -74,7 +75,7 @@ def trained(tmp_path_factory, data_root) -> dict:
     return out
 
 
-@pytest.mark.parametrize("method", ["simclr", "moco"])
+@pytest.mark.parametrize("method", list(METHODS))
 def test_training_learns_in_bf16_channels_last(trained, method):
     run = trained[method]
     rows = [json.loads(line) for line in (run["run"] / "metrics.jsonl").read_text().splitlines()]
@@ -102,7 +103,7 @@ def _step_setup(method: str, tmp_path: Path, batch: int = 256):
     return cfg, loader, augment, model, build_optimizer(model, cfg.optim), grad_scaler(device, cfg.precision)
 
 
-@pytest.mark.parametrize("method", ["simclr", "moco"])
+@pytest.mark.parametrize("method", list(METHODS))
 def test_training_steps_never_wait_for_the_host(method, tmp_path, data_root):
     """Outside logging steps, a whole step (next batch, two views, forward, backward, LARS/SGD,
     momentum update and enqueue) runs with CUDA's sync debug mode set to 'error'."""

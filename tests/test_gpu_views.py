@@ -28,8 +28,8 @@ import torch
 from test_failures import fail_a_streamed_run
 
 from ssl_sec.augment import ViewAugment
-from ssl_sec.config import load_recipe
 from ssl_sec.engine import build_augment
+from ssl_sec.recipe import load_recipe
 from ssl_sec.runtime import backends
 
 pytestmark = pytest.mark.gpu

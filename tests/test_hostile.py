@@ -68,8 +68,9 @@ def ckpt(tmp: Path, content, name: str = "c.pt") -> str:
 
 def make_good_checkpoint(tmp: Path, cfg=None) -> dict:
     from ssl_sec.checkpoint import FORMAT_VERSION
-    from ssl_sec.config import from_dict, to_dict
+    from ssl_sec.config import to_dict
     from ssl_sec.engine import build_model
+    from ssl_sec.recipe import from_dict
 
     cfg = cfg or from_dict({}, ["model.cifar_stem=false", "model.proj_hidden_dim=32",
                                 "model.proj_output_dim=8", "data.train_subset=64",
@@ -151,9 +152,9 @@ def good_with(tmp: Path, **changes) -> str:
 
 def resume_with(tmp: Path, **changes) -> list[str]:
     """--resume-from a checkpoint of this recipe with training state, some of it damaged."""
-    from ssl_sec.config import load_recipe
     from ssl_sec.engine import build_model
     from ssl_sec.optim import build_optimizer
+    from ssl_sec.recipe import load_recipe
 
     cfg = load_recipe(ROOT / RECIPE, QUICK)
     c = make_good_checkpoint(tmp, cfg)
@@ -196,7 +197,7 @@ CASES = [
      "method='mmmm"),
     # overrides
     ("override-inf", lambda t: pretrain(t, "optim.lr=.inf"), "'optim.lr' must be a finite"),
-    ("override-nan", lambda t: pretrain(t, "loss.temperature=.nan"), "loss.temperature"),
+    ("override-nan", lambda t: pretrain(t, "loss.infonce.temperature=.nan"), "loss.infonce.temperature"),
     ("override-seed-65-bits", lambda t: pretrain(t, f"seed={2**65}"), "'seed' must be an integer"),
     ("override-seed-negative", lambda t: pretrain(t, "seed=-3"), "seed=-3 is out of range"),
     ("override-device-garbage", lambda t: pretrain(t, "device=cpu:abc"), "device='cpu:abc'"),
@@ -344,10 +345,10 @@ def test_subprocess_one_line_no_traceback(name, tmp_path):
 def test_legitimate_inputs_that_used_to_fail(tmp_path, capsys, monkeypatch):
     """Not errors: `1e6` is a float; a kNN k above the bank is used as the bank size and
     reported as such; a run moved to another out_dir resumes there."""
-    from ssl_sec.config import load_recipe
+    from ssl_sec.recipe import load_recipe
 
     monkeypatch.chdir(ROOT)
-    assert load_recipe(RECIPE, ["optim.lr=1e6", "loss.temperature=5e-2"]).optim.lr == 1e6
+    assert load_recipe(RECIPE, ["optim.lr=1e6", "loss.infonce.temperature=5e-2"]).optim.lr == 1e6
     run = ["pretrain", RECIPE, *QUICK, "eval.knn_k=100000", "eval.knn_temperature=0.01",
            f"out_dir={tmp_path / 'a'}", "name=r"]
     assert cli.main(run) == 0

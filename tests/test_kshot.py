@@ -10,7 +10,6 @@ import torch
 import torch.nn.functional as F
 from helpers import run_cli
 
-from ssl_sec.config import from_dict
 from ssl_sec.data import load_splits
 from ssl_sec.errors import UserError
 from ssl_sec.evaluation.kshot import (
@@ -22,6 +21,7 @@ from ssl_sec.evaluation.kshot import (
     parse_classes,
     prototype_predict,
 )
+from ssl_sec.recipe import from_dict
 
 ROOT = Path(__file__).resolve().parents[1]
 

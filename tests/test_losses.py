@@ -8,8 +8,9 @@ import torch.nn.functional as F
 from helpers import EPS32, f32_close
 from lightly.loss import NTXentLoss
 
-from ssl_sec.config import LossConfig
-from ssl_sec.losses import Objective, info_nce, pairwise_similarities, sec_loss
+from ssl_sec.losses import info_nce, pairwise_similarities, sec_loss
+from ssl_sec.objective import Objective
+from ssl_sec.recipe import from_dict
 from ssl_sec.schedules import sec_weight
 
 
@@ -111,37 +112,43 @@ def test_sec_weight_ramps():
     assert sec_weight(0.1, "linear", 1.0) == pytest.approx(0.1)
 
 
+def _loss(**terms):
+    """The recipe's loss section with these term sections, e.g. _loss(sec={"eta": 0.3})."""
+    return from_dict({"loss": terms}).loss
+
+
 def test_objective_combines_terms_and_ema_buffer():
     g = torch.Generator().manual_seed(4)
     z1, z2 = torch.randn(8, 16, generator=g), torch.randn(8, 16, generator=g)
     z = torch.cat([z1, z2])
-    obj = Objective(LossConfig(temperature=0.5, w_infonce=2.0, sec_eta=0.3, sec_ramp="linear"))
+    obj = Objective(_loss(infonce={"temperature": 0.5, "weight": 2.0},
+                          sec={"eta": 0.3, "ramp": "linear"}))
     terms = obj(pairwise_similarities(z1, z2), z, z, progress=0.5)
     assert terms.losses["infonce"].item() == pytest.approx(info_nce(z1, z2, 0.5).item(), rel=1e-6)
     assert terms.losses["sec"].item() == pytest.approx(sec_loss(z).item(), rel=1e-6)
     expected = 2.0 * terms.losses["infonce"] + 0.15 * terms.losses["sec"]
     assert terms.losses["total"].item() == pytest.approx(expected.item(), rel=1e-6)
     # eta = 0: the SEC term is not computed at all.
-    plain = Objective(LossConfig(temperature=0.5))(pairwise_similarities(z1, z2), z, z, 0.5)
+    plain = Objective(_loss(infonce={"temperature": 0.5}))(pairwise_similarities(z1, z2), z, z, 0.5)
     assert "sec" not in plain.losses
     # EMA mu: starts at the first batch mean, then (1-rho) mu + rho mean; stored in a buffer.
-    ema = Objective(LossConfig(sec_eta=1.0, sec_mu="ema", sec_momentum=0.25))
+    ema = Objective(_loss(sec={"eta": 1.0, "mu": "ema", "momentum": 0.25}))
     m1 = z.norm(dim=1).mean()
     ema(pairwise_similarities(z1, z2), z, z, 0.0)
-    assert ema.sec_mu.item() == pytest.approx(m1.item(), rel=1e-6)
+    assert ema.terms["sec"].mu.item() == pytest.approx(m1.item(), rel=1e-6)
     z_b = z * 2
     out = ema(pairwise_similarities(z1 * 2, z2 * 2), z_b, z_b, 0.0)
     mu2 = 0.75 * m1 + 0.25 * z_b.norm(dim=1).mean()
-    assert ema.sec_mu.item() == pytest.approx(mu2.item(), rel=1e-6)
+    assert ema.terms["sec"].mu.item() == pytest.approx(mu2.item(), rel=1e-6)
     assert out.losses["sec"].item() == pytest.approx(sec_loss(z_b, mu2).item(), rel=1e-5)
-    assert "sec_mu" in ema.state_dict()
+    assert "terms.sec.mu" in ema.state_dict()
 
 
 def test_diagnostics_values():
     # Perfect alignment with orthogonal negatives: pos sim 1, neg sim 0, top-1 100%.
     z = torch.eye(4, 8)
     zz = torch.cat([z, z])
-    d = Objective(LossConfig())(pairwise_similarities(z, z.clone()), zz, zz, 0.0).diagnostics
+    d = Objective(_loss())(pairwise_similarities(z, z.clone()), zz, zz, 0.0).diagnostics
     assert d["pos_sim"].item() == pytest.approx(1.0)
     assert d["neg_sim"].item() == pytest.approx(0.0)
     assert d["contrastive_top1"].item() == pytest.approx(100.0)

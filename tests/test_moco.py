@@ -6,11 +6,11 @@ import torch.nn.functional as F
 from helpers import f32_close, queue_keys
 
 from ssl_sec.checkpoint import load_checkpoint
-from ssl_sec.config import from_dict
 from ssl_sec.engine import train
 from ssl_sec.losses import circle_queue, moco_info_nce
 from ssl_sec.methods import MoCo
 from ssl_sec.models import SplitBatchNorm
+from ssl_sec.recipe import from_dict
 from ssl_sec.schedules import momentum_at
 
 TINY = ["method=moco", "model.cifar_stem=false", "model.proj_hidden_dim=32",
@@ -74,8 +74,8 @@ def test_momentum_encoder_no_grad_and_moves_by_exactly_m():
 
 
 def test_loss_matches_queue_formula():
-    model = tiny("moco.queue_size=24", "moco.symmetric=false", "loss.w_circle=0.5",
-                 "loss.circle_margin=0.3", "loss.circle_gamma=20")
+    model = tiny("moco.queue_size=24", "moco.symmetric=false", "loss.circle.weight=0.5",
+                 "loss.circle.margin=0.3", "loss.circle.gamma=20")
     model.enqueue(F.normalize(torch.randn(24, 8), dim=1))
     v1, v2 = views(3)
     torch.manual_seed(5)
@@ -104,7 +104,7 @@ def test_split_bn_normalises_groups_separately():
 
 
 @pytest.mark.parametrize("objective", [
-    [], ["loss.sec_eta=0.05"], ["loss.w_circle=1.0"], ["loss.sec_eta=0.05", "loss.w_circle=1.0"],
+    [], ["loss.sec.eta=0.05"], ["loss.circle.weight=1.0"], ["loss.sec.eta=0.05", "loss.circle.weight=1.0"],
 ])
 def test_short_real_moco_runs(tmp_path, data_root, objective):
     cfg = from_dict({}, ["method=moco", "data.train_subset=256", "data.test_subset=100",
@@ -126,7 +126,7 @@ def test_short_real_moco_runs(tmp_path, data_root, objective):
         for key, value in r.items():
             if key.startswith("loss/"):
                 assert value == value and abs(value) < 1e6, (key, value)
-    if "loss.w_circle=1.0" in objective:
+    if "loss.circle.weight=1.0" in objective:
         assert "loss/circle" in train_rows[-1]
 
 

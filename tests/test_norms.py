@@ -10,12 +10,12 @@ import torch
 from helpers import run_cli
 
 from ssl_sec.augment import EvalTransform
-from ssl_sec.config import from_dict
 from ssl_sec.data import NORMALIZATION, load_splits
 from ssl_sec.engine import build_model
 from ssl_sec.errors import UserError
 from ssl_sec.evaluation import norms as norms_mod
 from ssl_sec.evaluation.norms import embed_norms, norm_statistics, norms_command
+from ssl_sec.recipe import from_dict
 
 ROOT = Path(__file__).resolve().parents[1]
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"

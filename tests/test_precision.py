@@ -9,15 +9,16 @@ from helpers import small_cfg
 
 from ssl_sec import cli, engine
 from ssl_sec.checkpoint import load_checkpoint
-from ssl_sec.config import from_dict
 from ssl_sec.engine import build_model, optimize_step, train
 from ssl_sec.evaluation.commands import knn_command
 from ssl_sec.evaluation.linear import linear_command
 from ssl_sec.evaluation.norms import norms_command
+from ssl_sec.methods import METHODS
 from ssl_sec.optim import build_optimizer
+from ssl_sec.recipe import from_dict
 from ssl_sec.runtime import autocast_for, effective_precision, grad_scaler
 
-ALL_TERMS = ["loss.sec_eta=0.05", "loss.sec_mu=ema", "loss.w_circle=0.5"]
+ALL_TERMS = ["loss.sec.eta=0.05", "loss.sec.mu=ema", "loss.circle.weight=0.5"]
 
 
 @pytest.fixture
@@ -61,7 +62,7 @@ def test_cli_pretrain_bf16_reaches_the_backbone(tmp_path, data_root, backbone_dt
     assert all(dtype == torch.bfloat16 and out == torch.bfloat16 for _, dtype, out in training)
 
 
-@pytest.mark.parametrize("method", ["simclr", "moco"])
+@pytest.mark.parametrize("method", list(METHODS))
 def test_bf16_training_resume_and_every_evaluation(method, tmp_path, data_root,
                                                    backbone_dtypes):
     """Every objective term on, under bf16 autocast on the CPU: a run, the same run split by a
@@ -82,7 +83,7 @@ def test_bf16_training_resume_and_every_evaluation(method, tmp_path, data_root,
         torch.testing.assert_close(b["model"][key], value, rtol=0, atol=0, msg=key,
                                    equal_nan=True)
     assert all(torch.isfinite(v).all() for k, v in b["model"].items() if v.is_floating_point()
-               and k != "objective.sec_mu") and torch.isfinite(b["model"]["objective.sec_mu"])
+               and k != "objective.terms.sec.mu") and torch.isfinite(b["model"]["objective.terms.sec.mu"])
     # No accuracy threshold: 4 steps do not train measurably (kNN top-1 8 for SimCLR and 10
     # for MoCo where chance is 10; the second epoch's loss 8.03 or 6.98 and top-5 45 or 57
     # for SimCLR under two CPU kernel sets), so any threshold is a coin toss on other

@@ -18,10 +18,10 @@ import ssl_sec
 from ssl_sec import cli
 from ssl_sec.archs import build_backbone
 from ssl_sec.checkpoint import load_checkpoint
-from ssl_sec.config import from_dict
 from ssl_sec.engine import optimize_step
 from ssl_sec.errors import ConfigError
 from ssl_sec.methods import METHODS, build_model
+from ssl_sec.recipe import from_dict
 from ssl_sec.runtime import grad_scaler
 
 ROOT = Path(__file__).resolve().parents[1]

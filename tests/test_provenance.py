@@ -73,7 +73,7 @@ def test_a_changed_value_is_appended_with_its_step(tmp_path, data_root, capsys):
                                          (3.0, "optim.grad_clip=1.5 (now 3)")])
 def test_nan_advice_starts_from_the_values_that_diverged(tmp_path, clip, advice):
     """After a resume with optim.grad_clip=3.0 diverged too, the advice is not 3.0 again."""
-    from ssl_sec.config import from_dict
+    from ssl_sec.recipe import from_dict
 
     (tmp_path / "last.pt").write_bytes(b"")
     optim = from_dict({}, [f"optim.grad_clip={clip}", "optim.lr=0.4"]).optim

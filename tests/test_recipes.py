@@ -38,9 +38,10 @@ import torch
 import ssl_sec
 from ssl_sec import engine
 from ssl_sec.checkpoint import load_checkpoint
-from ssl_sec.config import Config, load_linear_recipe, load_recipe, to_dict
+from ssl_sec.config import load_linear_recipe, to_dict
 from ssl_sec.data.stream import StreamLoader, default_workers
 from ssl_sec.evaluation.linear import linear_command
+from ssl_sec.recipe import Config, load_recipe
 
 ROOT = Path(__file__).resolve().parents[1]
 # The JPEG-folder builder the benchmarks use too. Appended, not prepended: eval/ must not
@@ -203,18 +204,18 @@ def _check_run(cfg: Config, scale: Scale, run: Path, result: dict, steps: int,
     rows = _train_rows(run)
     assert [r["step"] for r in rows] == list(range(1, steps + 1))
     terms = {"loss/total", "loss/infonce"}
-    terms |= {"loss/sec"} if cfg.loss.sec_eta > 0 else set()
-    terms |= {"loss/circle"} if cfg.loss.w_circle > 0 else set()
+    terms |= {"loss/sec"} if cfg.loss.sec.eta > 0 else set()
+    terms |= {"loss/circle"} if cfg.loss.circle.weight > 0 else set()
     for r in rows:
         assert {k for k in r if k.startswith("loss/")} == terms, r
         assert all(math.isfinite(r[k]) for k in terms), r
-    if cfg.loss.sec_eta > 0:
+    if cfg.loss.sec.eta > 0:
         weights = [r["diag/sec_weight"] for r in rows]
-        if cfg.loss.sec_ramp == "linear":  # 0 at the first step, eta at the last
+        if cfg.loss.sec.ramp == "linear":  # 0 at the first step, eta at the last
             assert weights[0] == 0 and weights == sorted(weights)
-            assert weights[-1] == pytest.approx(cfg.loss.sec_eta, rel=1e-5)
+            assert weights[-1] == pytest.approx(cfg.loss.sec.eta, rel=1e-5)
         else:
-            assert weights == pytest.approx([cfg.loss.sec_eta] * steps, rel=1e-5)
+            assert weights == pytest.approx([cfg.loss.sec.eta] * steps, rel=1e-5)
     fp16 = cfg.precision == "fp16"
     assert all(("perf/loss_scale" in r) == fp16 for r in rows)  # loss scaling: fp16 only
     knn = [r for r in _rows(run) if r["kind"] == "knn"]

@@ -18,7 +18,6 @@ from torchvision.transforms import RandomResizedCrop
 
 from ssl_sec import cli
 from ssl_sec.checkpoint import load_checkpoint
-from ssl_sec.config import from_dict
 from ssl_sec.data import index as index_module
 from ssl_sec.data import load_imagefolder, load_splits
 from ssl_sec.data.crops import crop_box, read_centre, read_crops
@@ -26,6 +25,7 @@ from ssl_sec.data.index import build_index
 from ssl_sec.data.stream import CropStream, StreamLoader, _EpochBatches
 from ssl_sec.engine import train
 from ssl_sec.errors import DataError
+from ssl_sec.recipe import from_dict
 
 SAMPLE = Path(__file__).resolve().parents[2] / "shared" / "data" / "imagefolder-sample"
 

@@ -9,19 +9,19 @@ import yaml
 from helpers import run_cli, small_cfg
 
 from ssl_sec.checkpoint import load_checkpoint
-from ssl_sec.config import load_recipe
 from ssl_sec.engine import train
 from ssl_sec.errors import CheckpointError, ConfigError, UserError
+from ssl_sec.recipe import load_recipe
 
 ROOT = Path(__file__).resolve().parents[1]
 
 def test_short_real_run_writes_events_metrics_checkpoint(tmp_path, data_root):
-    result = train(small_cfg(tmp_path, "loss.sec_eta=0.05", "loss.sec_mu=ema"), progress_bar=False)
+    result = train(small_cfg(tmp_path, "loss.sec.eta=0.05", "loss.sec.mu=ema"), progress_bar=False)
     run = tmp_path / "run"
     assert (run / "last.pt").is_file() and (run / "epoch0002.pt").is_file()
     assert list((run / "tb").glob("events.out.tfevents.*"))
     saved = yaml.safe_load((run / "config.yaml").read_text())
-    assert saved["loss"]["sec_eta"] == 0.05
+    assert saved["loss"]["sec"]["eta"] == 0.05
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     train_rows = [r for r in rows if r["kind"] == "train"]
     assert len(train_rows) >= 4
@@ -36,7 +36,7 @@ def test_short_real_run_writes_events_metrics_checkpoint(tmp_path, data_root):
     ckpt = load_checkpoint(run / "last.pt")
     assert ckpt["epoch"] == 2 and ckpt["step"] == 8
     # SEC's running mu is state: it is in the checkpoint.
-    assert torch.isfinite(ckpt["model"]["objective.sec_mu"])
+    assert torch.isfinite(ckpt["model"]["objective.terms.sec.mu"])
     # TensorBoard holds the logged tags, a norm histogram and the augmentation previews.
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -49,9 +49,9 @@ def test_short_real_run_writes_events_metrics_checkpoint(tmp_path, data_root):
 
 
 def test_resume_equals_uninterrupted_run(tmp_path, data_root):
-    cfg_a = small_cfg(tmp_path, "name=a", "loss.sec_eta=0.05", "loss.sec_mu=ema", "eval.knn_every=0")
+    cfg_a = small_cfg(tmp_path, "name=a", "loss.sec.eta=0.05", "loss.sec.mu=ema", "eval.knn_every=0")
     train(cfg_a, progress_bar=False)
-    cfg_b = small_cfg(tmp_path, "name=b", "loss.sec_eta=0.05", "loss.sec_mu=ema", "eval.knn_every=0")
+    cfg_b = small_cfg(tmp_path, "name=b", "loss.sec.eta=0.05", "loss.sec.mu=ema", "eval.knn_every=0")
     train(cfg_b, progress_bar=False, max_epochs=1)
     assert load_checkpoint(tmp_path / "b" / "last.pt")["epoch"] == 1
     train(cfg_b, resume=True, progress_bar=False)
@@ -87,7 +87,7 @@ def test_batch_larger_than_dataset(tmp_path, data_root):
 @pytest.mark.parametrize("args,fragment,process", [
     (["pretrain", "recipes/quickstart.yaml", "optim.lrr=1"], "unknown key 'optim.lrr'", True),
     (["pretrain", "recipes/nope.yaml"], "recipe 'recipes/nope.yaml' not found", False),
-    (["pretrain", "recipes/quickstart.yaml", "loss.temperature=0"], "loss.temperature", False),
+    (["pretrain", "recipes/quickstart.yaml", "loss.infonce.temperature=0"], "loss.infonce.temperature", False),
     (["pretrain", "recipes/quickstart.yaml", "data.root=/nonexistent/x", "data.download=false"],
      "/nonexistent/x", False),
     (["knn", "--checkpoint", "missing.pt"], "checkpoint 'missing.pt' not found", True),

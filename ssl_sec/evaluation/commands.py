@@ -7,16 +7,19 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
 from ..checkpoint import load_checkpoint
-from ..config import Config
 from ..data import NORMALIZATION, load_splits
 from ..pretrained import backbone_from_checkpoint, checkpoint_config
 from ..runtime import resolve_device
 from .features import cached_features, file_sha256
 from .knn import knn_evaluate
+
+if TYPE_CHECKING:
+    from ..recipe import Config
 
 
 # ----------------------------------------------------------------------------- checkpoint

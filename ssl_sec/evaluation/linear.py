@@ -26,13 +26,14 @@ import sys
 import time
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from ..checkpoint import load_checkpoint
-from ..config import Config, LinearConfig, LinearOptimConfig, load_linear_recipe, to_dict
+from ..config import LinearConfig, LinearOptimConfig, load_linear_recipe, to_dict
 from ..data import NORMALIZATION, load_splits
 from ..data.stream import CropStream, StreamLoader, StreamSet
 from ..errors import ConfigError
@@ -49,6 +50,9 @@ from .commands import (
     to_device,
 )
 from .knn import knn_accuracy
+
+if TYPE_CHECKING:
+    from ..recipe import Config
 
 Batches = Callable[[int], Iterable[tuple[torch.Tensor, torch.Tensor]]]
 

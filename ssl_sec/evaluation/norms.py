@@ -126,7 +126,7 @@ def norms_command(path: Path, overrides: list[str] | None = None) -> dict:
                          f"({len(h)} images, eval mode, un-normalised)")
     result = {"checkpoint": str(path), "dataset": cfg.data.dataset, "split": "test",
               "n_images": len(h), "method": cfg.method, "arch": cfg.model.arch,
-              "sec_eta": cfg.loss.sec_eta,
+              "sec_eta": cfg.loss.sec.eta,
               "layers": {"h": "backbone pooled features", "z": "projector output (online)"},
               **stats, "png": str(png), "seconds": round(time.perf_counter() - t0, 2)}
     path.with_name(f"{path.stem}.norms.json").write_text(json.dumps(result, indent=2) + "\n")

@@ -1,33 +1,32 @@
 """What the training loop, the checkpoints and the evaluations rely on a method for.
 
 A method is an `nn.Module` registered by name in `ssl_sec.methods.METHODS` (the one list
-of method names: config validates `method` against it). Adding one means writing a module
-that satisfies `Method` and adding one line to that registry (plus a config section, if it
-has hyper-parameters of its own).
+of method names: ssl_sec/recipe.py validates `method` against it). Adding one means one file
+that satisfies `Method` (its options, heads, objective and post-step update) and one line in
+that registry: its options become the recipe section named after it.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import TYPE_CHECKING, Any, ClassVar, Protocol
+from typing import TYPE_CHECKING, ClassVar, Protocol
 
 import torch
 from torch import nn
 
 if TYPE_CHECKING:
-    from ..config import Config
-    from ..losses import Terms
+    from ..config import Need
     from ..models import Encoder
-
-# need(ok, key, value, rule): raises the recipe error "key=value is out of range: it must
-# be rule" when `ok` is false.
-Need = Callable[[bool, str, Any, str], None]
+    from ..objective import Terms
+    from ..recipe import Config
 
 
 class Method(Protocol):
     # Whether BatchNorm should see the global batch across GPUs (SyncBN under DDP).
     # SimCLR: yes; MoCo: no (its split-BN is per process).
     sync_bn: ClassVar[bool]
+    # The dataclass of its own options, the recipe section named after the method (a
+    # `check(need)` method checks its fields), or None.
+    Options: ClassVar[type | None]
     # The online encoder: `encoder.backbone` is what evaluation and export read (the
     # checkpoint keys `encoder.backbone.*`), `encoder.projector` the head.
     encoder: Encoder
@@ -39,7 +38,8 @@ class Method(Protocol):
 
     @staticmethod
     def check_config(cfg: Config, need: Need) -> None:
-        """Recipe checks that only this method needs (called once, when the recipe loads)."""
+        """Checks that span its options and other sections (called once, when the recipe
+        loads, after every section checked its own fields)."""
 
     def forward(self, v1: torch.Tensor, v2: torch.Tensor, progress: float,
                 diagnostics: bool = True) -> Terms:

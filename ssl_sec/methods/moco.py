@@ -6,28 +6,59 @@ enqueues this step's keys. Nothing is updated inside `forward`'s autograd graph.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..config import Config
+from ..config import Need
 from ..distributed import gather
-from ..losses import Objective, Similarities, Terms, queue_similarities
-from ..models import Encoder, convert_split_bn, ema_update, momentum_copy
+from ..losses import Similarities, queue_similarities
+from ..models import Encoder, convert_split_bn, ema_update, mlp, momentum_copy
+from ..objective import Objective, Terms, need_matrix_term
 from ..schedules import momentum_at
+
+if TYPE_CHECKING:
+    from ..recipe import Config
+
+
+@dataclass
+class MocoOptions:
+    """The recipe's `moco:` section."""
+
+    queue_size: int = 4096
+    momentum: float = 0.99
+    # "constant" or "cosine" (cosine-increased to 1 over the run, as BYOL / solo-learn).
+    momentum_schedule: str = "constant"
+    symmetric: bool = True
+    # Single-device BatchNorm remedy: "split" (split-BN into groups) or "none".
+    bn_remedy: str = "split"
+    bn_splits: int = 8
+
+    def check(self, need: Need) -> None:
+        need(self.queue_size >= 1, "queue_size", self.queue_size, ">= 1")
+        need(0.0 <= self.momentum <= 1.0, "momentum", self.momentum, "in [0, 1]")
+        need.choice("momentum_schedule", self.momentum_schedule, ("constant", "cosine"))
+        need.choice("bn_remedy", self.bn_remedy, ("split", "none"))
+        need(self.bn_splits >= 1, "bn_splits", self.bn_splits, ">= 1")
 
 
 class MoCo(nn.Module):
     """A `Method` (ssl_sec/methods/base.py)."""
 
     sync_bn = False  # per-process split-BN is MoCo's remedy for the BN leak
+    Options = MocoOptions
 
     def __init__(self, cfg: Config):
         super().__init__()
         m = cfg.moco
         self.cfg = m
-        self.sec_on = cfg.loss.sec_on
-        self.encoder = Encoder(cfg.model, head="moco", image_size=cfg.augment.size)
+        dims = [cfg.model.proj_hidden_dim, cfg.model.proj_output_dim]
+        # lightly's MoCoProjectionHead (v2): Linear-ReLU-Linear, no BN.
+        self.encoder = Encoder(cfg.model, lambda d: mlp([d, *dims], batch_norm=False),
+                               image_size=cfg.augment.size)
         if m.bn_remedy == "split":
             convert_split_bn(self.encoder.backbone, m.bn_splits)
         self.momentum_encoder = momentum_copy(self.encoder)
@@ -44,7 +75,8 @@ class MoCo(nn.Module):
         return self.encoder.backbone
 
     @staticmethod
-    def check_config(cfg: Config, need) -> None:
+    def check_config(cfg: Config, need: Need) -> None:
+        need_matrix_term(cfg.loss, need)
         if cfg.moco.bn_remedy == "split":
             need(cfg.optim.batch_size % cfg.moco.bn_splits == 0, "moco.bn_splits",
                  cfg.moco.bn_splits, f"a divisor of optim.batch_size={cfg.optim.batch_size} "
@@ -88,8 +120,7 @@ class MoCo(nn.Module):
         else:
             s, q, h = self._similarities(q1, k2), q1, h1
             self._pending_keys = gather(k2)
-        return self.objective(s, q, q if self.sec_on == "projector" else h, progress,
-                              diagnostics)
+        return self.objective(s, q, h, progress, diagnostics)
 
     @torch.no_grad()
     def after_step(self, progress: float) -> None:
