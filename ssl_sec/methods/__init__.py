@@ -1,12 +1,14 @@
-"""The methods: each turns two views into loss terms and owns its state (ssl_sec/methods/
-simclr.py, moco.py). `METHODS` is the one registry of method names."""
+"""The methods: each turns two views into loss terms and owns its options, heads and state
+(ssl_sec/methods/simclr.py, moco.py, mocov3.py). `METHODS` is the one registry of method
+names."""
 
 import torch
 
 from .moco import MoCo
+from .mocov3 import MoCoV3
 from .simclr import SimCLR
 
-METHODS = {"simclr": SimCLR, "moco": MoCo}
+METHODS = {"simclr": SimCLR, "moco": MoCo, "mocov3": MoCoV3}
 
 
 def build_model(cfg, device: torch.device) -> torch.nn.Module:
@@ -17,4 +19,4 @@ def build_model(cfg, device: torch.device) -> torch.nn.Module:
     return model
 
 
-__all__ = ["METHODS", "MoCo", "SimCLR", "build_model"]
+__all__ = ["METHODS", "MoCo", "MoCoV3", "SimCLR", "build_model"]
