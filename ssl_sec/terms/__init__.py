@@ -17,8 +17,9 @@ and one line below; its section appears in every recipe with its defaults.
 from .circle import Circle
 from .infonce import InfoNCE
 from .sec import SEC
+from .uniformity import Uniformity
 
 # Matrix terms before embedding terms: the order of the logged losses.
-TERMS = {"infonce": InfoNCE, "circle": Circle, "sec": SEC}
+TERMS = {"infonce": InfoNCE, "circle": Circle, "sec": SEC, "uniformity": Uniformity}
 
 __all__ = ["TERMS", "SEC", "Circle", "InfoNCE"]
