@@ -93,3 +93,39 @@ def run_cli(*args: str, process: bool = False, cwd: Path = ROOT,
     finally:
         os.chdir(here)
     return subprocess.CompletedProcess(list(args), code, out.getvalue(), err.getvalue())
+
+
+STL10_CLASSES = ["airplane", "bird", "car", "cat", "deer", "dog", "horse", "monkey", "ship",
+                 "truck"]
+
+
+def stl10_pixels(n: int, offset: int = 0):
+    """uint8 (n, 3, 96, 96), rows first: pixel (i, c, row, col) = 37 (offset + i) + 80 c +
+    row + 3 col (mod 256). Row and column count differently, so a reader that forgets the
+    files' column-major channels gets other values."""
+    import numpy as np
+
+    i = (37 * (offset + np.arange(n)) % 256).astype(np.uint8).reshape(n, 1, 1, 1)
+    c = (80 * np.arange(3) % 256).astype(np.uint8).reshape(1, 3, 1, 1)
+    row = (np.arange(96) % 256).astype(np.uint8).reshape(1, 1, 96, 1)
+    col = (3 * np.arange(96) % 256).astype(np.uint8).reshape(1, 1, 1, 96)
+    return i + c + row + col  # uint8 arithmetic wraps: mod 256
+
+
+def write_stl10(root: Path, train: int = 6, test: int = 4, unlabeled: int = 5) -> Path:
+    """Tiny STL-10 in the official binary format in root/stl10_binary: images stl10_pixels
+    (train from offset 0, test from 1000, unlabeled from 2000), each channel written
+    column-major; labels 1..10 on disk (image i of a labelled split: i % 10 + 1)."""
+    import numpy as np
+
+    folder = root / "stl10_binary"
+    folder.mkdir(parents=True, exist_ok=True)
+    for split, n, offset in (("train", train, 0), ("test", test, 1000),
+                             ("unlabeled", unlabeled, 2000)):
+        pixels = stl10_pixels(n, offset)
+        (folder / f"{split}_X.bin").write_bytes(pixels.transpose(0, 1, 3, 2).tobytes())
+        if split != "unlabeled":
+            (folder / f"{split}_y.bin").write_bytes((np.arange(n) % 10 + 1).astype(np.uint8)
+                                                    .tobytes())
+    (folder / "class_names.txt").write_text("\n".join(STL10_CLASSES) + "\n")
+    return folder

@@ -93,7 +93,7 @@ def test_dataset_names_come_from_the_registry():
     for name in DATASETS:
         assert from_dict({}, [f"data.dataset={name}"]).data.dataset == name
     with pytest.raises(ConfigError, match="data.dataset"):
-        from_dict({}, ["data.dataset=stl10"])
+        from_dict({}, ["data.dataset=stl100"])
 
 
 def test_augment2_inherits_unset_keys_and_must_match_the_size():

@@ -7,6 +7,8 @@ in two twins that share every line below except their `Scale`:
 - `test_recipe_runs_on_cpu` (CI, ~2 min on 2 cores): CIFAR recipes keep their model
   (ResNet-18, CIFAR stem, 2048-wide heads) on 16 real CIFAR-10/100 images, batch 8, 2 steps,
   with 16-px views (a quarter of the cost of 32 px, at which the other CPU tests train).
+  STL-10 recipes run the same way on tiny files in the official binary format (16 images
+  per split; no STL-10 copy is needed).
   ImageNet-style recipes stream a generated folder of 500x375 JPEGs (4 classes, 32 train /
   16 val) at 64 px with 2 loader workers, batch 8, small heads; then they continue from
   their mid-epoch checkpoint, which must repeat the uninterrupted run exactly.
@@ -34,6 +36,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import write_stl10
 
 import ssl_sec
 from ssl_sec import engine
@@ -101,6 +104,23 @@ def jpeg_folders(tmp_path_factory):
     return get
 
 
+@pytest.fixture(scope="session")
+def stl10_folders(tmp_path_factory):
+    """STL-10 in its official binary format (tests/helpers.py `write_stl10`), built once per
+    session: `stl10_folders(n, test)` -> a root holding stl10_binary/ with n unlabeled and n
+    train images (the CIFAR runs' train_subset) and `test` test images."""
+    base = tmp_path_factory.mktemp("stl10")
+    built: dict[tuple, Path] = {}
+
+    def get(n: int, test: int) -> Path:
+        if (n, test) not in built:
+            built[(n, test)] = base / f"{n}-{test}"
+            write_stl10(built[(n, test)], train=n, test=test, unlabeled=n)
+        return built[(n, test)]
+
+    return get
+
+
 @pytest.fixture
 def used(monkeypatch) -> list[dict]:
     """What the engine really trained with, one entry per `train` call: its loader (kind,
@@ -125,18 +145,20 @@ def used(monkeypatch) -> list[dict]:
 
 # ----------------------------------------------------------------------------- the twins
 @pytest.mark.parametrize("recipe", RECIPES)
-def test_recipe_runs_on_cpu(recipe, tmp_path, data_root, jpeg_folders, used, make_checkpoint):
-    _run_recipe(recipe, CPU, tmp_path, jpeg_folders, used, make_checkpoint)
+def test_recipe_runs_on_cpu(recipe, tmp_path, data_root, jpeg_folders, stl10_folders, used,
+                            make_checkpoint):
+    _run_recipe(recipe, CPU, tmp_path, jpeg_folders, used, make_checkpoint, stl10_folders)
 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("recipe", RECIPES)
-def test_recipe_runs_on_gpu(recipe, tmp_path, data_root, jpeg_folders, used, make_checkpoint):
-    _run_recipe(recipe, GPU, tmp_path, jpeg_folders, used, make_checkpoint)
+def test_recipe_runs_on_gpu(recipe, tmp_path, data_root, jpeg_folders, stl10_folders, used,
+                            make_checkpoint):
+    _run_recipe(recipe, GPU, tmp_path, jpeg_folders, used, make_checkpoint, stl10_folders)
 
 
 def _run_recipe(recipe: str, scale: Scale, tmp_path: Path, jpeg_folders, used,
-                make_checkpoint) -> None:
+                make_checkpoint, stl10_folders) -> None:
     if recipe.startswith("recipes/linear/"):
         _linear(recipe, scale, jpeg_folders(**scale.folder), make_checkpoint)
         return
@@ -149,12 +171,15 @@ def _run_recipe(recipe: str, scale: Scale, tmp_path: Path, jpeg_folders, used,
     common += ["precision=fp16"] if scale.device == "cuda" and recipe == FP16_RECIPE else []
     batch = scale.batch or base.optim.batch_size
     if base.data.dataset != "imagefolder":
-        size = [f"augment.size={scale.cifar_size}"] if scale.cifar_size else []
+        extra = [f"augment.size={scale.cifar_size}"] if scale.cifar_size else []
+        if base.data.dataset == "stl10":  # tiny files in the official format
+            root = stl10_folders(scale.cifar_steps * batch, scale.cifar_test)
+            extra.append(f"data.root={root}")
         # No download: a machine without the set (an offline GPU machine's data pack) says so
         # at once instead of waiting on the network.
         cfg = load_recipe(ROOT / recipe, [*common, f"data.train_subset={scale.cifar_steps * batch}",
                                           f"data.test_subset={scale.cifar_test}",
-                                          "data.download=false", *size])
+                                          "data.download=false", *extra])
         result = engine.train(cfg, progress_bar=False)
         _check_run(cfg, scale, tmp_path / cfg.name, result, scale.cifar_steps, used[-1])
         return

@@ -46,7 +46,8 @@ class ImageSet:
 
     Attributes:
         images: uint8 ``(N, 3, H, W)``, contiguous.
-        labels: int64 ``(N,)``; ``labels[i]`` indexes ``classes``.
+        labels: int64 ``(N,)``; ``labels[i]`` indexes ``classes``, or is -1 in a split without
+            labels (STL-10's ``unlabeled``).
         classes: class names (CIFAR names, or WNIDs for ImageFolder sets).
         name: dataset name, e.g. ``"cifar10"``.
     """
@@ -309,19 +310,20 @@ def _md5(path: Path) -> str:
     return h.hexdigest()
 
 
-def _download(name: str, spec: _CifarSpec, root: Path, looked: str) -> None:
+def _download(name: str, url: str, md5: str, root: Path, looked: str) -> None:
+    """Fetch the archive at `url` into `root`, check its MD5, extract it safely (also STL-10's)."""
     tmp: Path | None = None
     try:
         root.mkdir(parents=True, exist_ok=True)
         fd, tmp_name = tempfile.mkstemp(prefix=f".{name}-", suffix=".tar.gz.part", dir=root)
         tmp = Path(tmp_name)
-        with os.fdopen(fd, "wb") as f, urllib.request.urlopen(spec.url, timeout=60) as response:
+        with os.fdopen(fd, "wb") as f, urllib.request.urlopen(url, timeout=60) as response:
             for chunk in iter(lambda: response.read(1 << 20), b""):
                 f.write(chunk)
         digest = _md5(tmp)
-        if digest != spec.md5:
+        if digest != md5:
             raise DataError(
-                f"{name}: download from {spec.url} has MD5 {digest}, expected {spec.md5} "
+                f"{name}: download from {url} has MD5 {digest}, expected {md5} "
                 "(deleted; retry, or " + _FIX_HINT + ")"
             )
         _safe_extract(tmp, root)
@@ -331,7 +333,7 @@ def _download(name: str, spec: _CifarSpec, root: Path, looked: str) -> None:
         # URLError and socket timeouts are OSErrors; ValueError: a malformed URL
         reason = " ".join(str(getattr(e, "reason", None) or e).split())
         raise DataError(
-            f"{name}: not found (looked in {looked}) and download from {spec.url} failed "
+            f"{name}: not found (looked in {looked}) and download from {url} failed "
             f"({reason}); {_FIX_HINT}"
         ) from e
     finally:
@@ -368,7 +370,7 @@ def load_cifar(
             raise DataError(
                 f"{name}: not found (looked in {looked}); {_FIX_HINT}, or set data.download=true"
             )
-        _download(name, spec, base, looked)
+        _download(name, spec.url, spec.md5, base, looked)
         folder = _find(base, spec)
         if folder is None:
             raise DataError(

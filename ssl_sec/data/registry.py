@@ -13,6 +13,7 @@ from pathlib import Path
 
 from ssl_sec.data.cifar import ImageSet, load_cifar, resolve_root
 from ssl_sec.data.imagefolder import load_imagefolder
+from ssl_sec.data.stl10 import load_stl10
 from ssl_sec.errors import ConfigError
 
 Stats = tuple[tuple[float, float, float], tuple[float, float, float]]
@@ -74,7 +75,9 @@ def _load_folder(root, split: str, download: bool, image_size=None,
 # CIFAR-10: (mean, std) recomputed from all 50,000 training images (std over all pixels; the
 # often-copied (0.2023, 0.1994, 0.2010) is a mean of per-image stds, a different quantity).
 # CIFAR-100: the published statistics of its 50,000 training images. Image folders: the
-# ImageNet statistics torchvision's models use.
+# ImageNet statistics torchvision's models use. STL-10: the statistics most public STL-10
+# code uses (e.g. in many torchvision-based training scripts); they could not be recomputed
+# here (no STL-10 copy), and which split they were computed on is not documented.
 DATASETS: dict[str, DatasetSpec] = {
     "cifar10": DatasetSpec("cifar10", "CIFAR-10",
                            ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
@@ -85,6 +88,9 @@ DATASETS: dict[str, DatasetSpec] = {
     "imagefolder": DatasetSpec("imagefolder", "an ImageFolder tree (e.g. ImageNet-100)",
                                ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
                                folder=True, load=_load_folder),
+    "stl10": DatasetSpec("stl10", "STL-10", ((0.4467, 0.4398, 0.4066), (0.2603, 0.2566, 0.2713)),
+                         folder=False, splits=("train", "test", "unlabeled"), pretrain="unlabeled",
+                         load=lambda root, split, download, **_: load_stl10(root, split, download)),
 }
 
 NORMALIZATION: dict[str, Stats] = {name: spec.normalization for name, spec in DATASETS.items()}
