@@ -52,10 +52,10 @@ from ssl_sec.engine import (  # noqa: E402
     make_views,
     optimize_step,
 )
-from ssl_sec.evaluation.commands import backbone_from_checkpoint, checkpoint_config, to_device  # noqa: E402
 from ssl_sec.evaluation.features import extract_features  # noqa: E402
 from ssl_sec.evaluation.knn import knn_classify  # noqa: E402
 from ssl_sec.evaluation.linear import linear_command  # noqa: E402
+from ssl_sec.evaluation.session import EvalSession  # noqa: E402
 from ssl_sec.optim import build_optimizer, set_lr  # noqa: E402
 from ssl_sec.recipe import load_recipe  # noqa: E402
 from ssl_sec.runtime import backends, grad_scaler  # noqa: E402
@@ -197,18 +197,12 @@ def step_breakdown(recipe: str, steps: int = 30) -> dict:
 
 # ----------------------------------------------------------------------------- 3. kNN pass
 def knn_pass(checkpoint: Path) -> dict:
-    from ssl_sec.checkpoint import load_checkpoint
-    from ssl_sec.evaluation.commands import eval_transform_for
-
-    ckpt = load_checkpoint(checkpoint)
-    cfg = checkpoint_config(checkpoint, ckpt, [f"device={DEVICE}"])
-    device = DEVICE
-    backbone = to_device(backbone_from_checkpoint(checkpoint, ckpt, cfg), cfg, device)
-    splits = load_splits(cfg.data)
-    train_set, test_set = splits.bank, splits.test
+    session = EvalSession(checkpoint, [f"device={DEVICE}"], cache=False)
+    cfg, device, backbone = session.cfg, session.device, session.model
+    train_set, test_set = session.splits.bank, session.splits.test
     bank_x, query_x = train_set.images.to(device), test_set.images.to(device)
     bank_y = train_set.labels.to(device)
-    transform = eval_transform_for(cfg, "cifar10", device)
+    transform = session.transform
     e = cfg.eval
     state = {}
 

@@ -71,7 +71,7 @@ def main() -> None:
         test_xy = (test_set.images, test_set.labels)
         torch.manual_seed(cfg.seed)
         random_model = build_model(cfg, device)
-        random_knn = knn_monitor(random_model.backbone, train_xy, test_xy, transform, cfg)
+        random_knn = knn_monitor(random_model.backbone, train_set, test_set, transform, cfg)
         pixels = knn_pixels(train_xy, test_xy, transform, cfg)
         linear = {}
         if args.linear:

@@ -8,10 +8,10 @@ import multiprocessing
 import os
 import sys
 import traceback
-from pathlib import Path
 
 from .cpu_memory import keep_freed_memory
 from .errors import UserError
+from .evaluation.registry import EVALUATIONS
 from .preemption import PREEMPTED_EXIT, Preempted
 
 EPILOG = """examples:
@@ -39,7 +39,14 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
-def _parser() -> argparse.ArgumentParser:
+def _evaluation(module: str):
+    import importlib
+
+    return importlib.import_module(f".evaluation.{module}", __package__)
+
+
+def _parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The command line; `command` (the first argument) gets its evaluation's own options."""
     p = _Parser(prog="ssl-sec", description=__doc__, epilog=EPILOG,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -60,48 +67,18 @@ def _parser() -> argparse.ArgumentParser:
     pre.add_argument("--max-epochs", type=int, default=None, metavar="N",
                      help="train at most N epochs in this invocation (split long runs)")
 
-    knn = sub.add_parser("knn", help="weighted kNN accuracy of a checkpoint's backbone")
-    knn.add_argument("--checkpoint", required=True, help="a .pt written by ssl-sec pretrain")
-    knn.add_argument("overrides", nargs="*", metavar="key=value",
-                     help="overrides of the checkpoint's config, e.g. eval.knn_k=20 data.root=...")
-
-    knn.add_argument("--no-cache", action="store_true",
-                     help="do not read or write <checkpoint dir>/features/")
-
-    lin = sub.add_parser("linear", help="linear probe of a checkpoint's frozen backbone")
-    lin.add_argument("--checkpoint", required=True, help="a .pt written by ssl-sec pretrain")
-    lin.add_argument("--recipe", default=None,
-                     help="linear recipe YAML (default: the built-in CIFAR protocol, "
-                          "as recipes/linear/cifar.yaml)")
-    lin.add_argument("overrides", nargs="*", metavar="key=value",
-                     help="overrides of the linear recipe, e.g. mode=features optim.epochs=30 "
-                          "data.dataset=cifar100")
-    lin.add_argument("--no-cache", action="store_true",
-                     help="do not read or write <checkpoint dir>/features/")
-
-    ks = sub.add_parser("kshot", help="few-shot transfer: prototype, 1-NN, logistic probe")
-    ks.add_argument("--checkpoint", required=True, help="a .pt written by ssl-sec pretrain")
-    ks.add_argument("--shots", type=int, nargs="+", default=[1, 5, 10, 50], metavar="K")
-    ks.add_argument("--replications", type=int, default=10, metavar="R")
-    ks.add_argument("--seed", type=int, default=0)
-    ks.add_argument("--target-classes", nargs="+", default=None, metavar="IDS",
-                    help="e.g. 50-99 or 3 5 7 (default: the classes the checkpoint was not "
-                         "pretrained on, else all)")
-    ks.add_argument("--split", default="test", choices=("test", "train", "all"),
-                    help="where the target images come from (default: test)")
-    ks.add_argument("--logistic-c", type=float, default=1.0, metavar="C",
-                    help="inverse L2 strength of the logistic probe (scikit-learn's C)")
-    ks.add_argument("overrides", nargs="*", metavar="key=value",
-                    help="overrides of the checkpoint's config, e.g. data.root=... "
-                         "(all target-class images are used unless data.test_subset=N)")
-    ks.add_argument("--no-cache", action="store_true",
-                    help="do not read or write <checkpoint dir>/features/")
-
-    nrm = sub.add_parser("norms", help="histograms and statistics of ||h|| and ||z||")
-    nrm.add_argument("--checkpoint", required=True, help="a .pt written by ssl-sec pretrain")
-    nrm.add_argument("overrides", nargs="*", metavar="key=value",
-                     help="overrides of the checkpoint's config; the whole test set is "
-                          "embedded unless e.g. data.test_subset=1000")
+    for name, (module, text) in EVALUATIONS.items():
+        ev = sub.add_parser(name, help=text)
+        ev.add_argument("--checkpoint", required=True, help="a .pt written by ssl-sec pretrain")
+        ev.add_argument("--no-cache", action="store_true",
+                        help="do not read or write <checkpoint dir>/features/")
+        if name == command:  # the options of the command that runs (an import of torch)
+            evaluation = _evaluation(module)
+            evaluation.add_arguments(ev)
+            ev.add_argument("overrides", nargs="*", metavar="key=value",
+                            help=evaluation.OVERRIDES)
+        else:
+            ev.add_argument("overrides", nargs="*", metavar="key=value")
 
     exp = sub.add_parser("export", help="write a checkpoint's backbone weights for torchvision "
                                         "or timm (safetensors by default)")
@@ -128,7 +105,8 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = _parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser = _parser(argv[0] if argv else None)
     try:
         args, extra = parser.parse_known_args(argv)
         # key=value overrides may also follow the options (`--resume optim.lr=0.1`).
@@ -154,31 +132,11 @@ def main(argv: list[str] | None = None) -> int:
 
             if is_main():
                 print(json.dumps(result), flush=True)
-        elif args.command == "knn":
-            from .evaluation.commands import knn_command
-
-            print(json.dumps(knn_command(Path(args.checkpoint), args.overrides,
-                                         cache=not args.no_cache)), flush=True)
-        elif args.command == "linear":
-            from .evaluation.linear import linear_command
-
-            print(json.dumps(linear_command(Path(args.checkpoint), args.recipe, args.overrides,
-                                            cache=not args.no_cache)), flush=True)
-        elif args.command == "kshot":
-            from .config import MAX_SEED
-            from .evaluation.kshot import kshot_command
-
-            if not 0 <= args.seed <= MAX_SEED:
-                raise UserError(f"--seed {args.seed}: must be in [0, {MAX_SEED}]")
-
-            print(json.dumps(kshot_command(Path(args.checkpoint), args.shots, args.replications,
-                                           args.seed, args.target_classes, args.split,
-                                           args.overrides, cache=not args.no_cache,
-                                           logistic_c=args.logistic_c)), flush=True)
-        elif args.command == "norms":
-            from .evaluation.norms import norms_command
-
-            print(json.dumps(norms_command(Path(args.checkpoint), args.overrides)), flush=True)
+        elif args.command in EVALUATIONS:
+            evaluation = _evaluation(EVALUATIONS[args.command][0])
+            result = evaluation.run(args)
+            show = getattr(evaluation, "show", json.dumps)
+            print(show(result), flush=True)
         elif args.command == "export":
             from .pretrained import export_backbone, verify_export
 

@@ -186,11 +186,13 @@ def _data_pipeline(cfg: Config, splits, device: torch.device, rank: int, world: 
 
         def moved(s):
             if id(s) not in on_device:
-                on_device[id(s)] = (s.images.to(device), s.labels.to(device))
+                on_device[id(s)] = s.to(device)
             return on_device[id(s)]
 
-        loader = DeviceLoader(*moved(splits.pretrain), cfg.optim.batch_size, shuffle=True,
-                              drop_last=True, generator=generator, shard=(rank, world))
+        pretrain = moved(splits.pretrain)
+        loader = DeviceLoader(pretrain.images, pretrain.labels, cfg.optim.batch_size,
+                              shuffle=True, drop_last=True, generator=generator,
+                              shard=(rank, world))
         views, eval_transform = build_augment(cfg, device)
         return loader, views, eval_transform, [moved(splits.bank), moved(splits.test)]
     if cfg.data.decode == "gpu" and device.type != "cuda":

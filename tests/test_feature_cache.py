@@ -13,9 +13,10 @@ from torch import nn
 
 from ssl_sec.augment import EvalTransform
 from ssl_sec.checkpoint import load_checkpoint
+from ssl_sec.data.imageset import ImageSet
 from ssl_sec.evaluation import features as features_mod
-from ssl_sec.evaluation.commands import knn_command
 from ssl_sec.evaluation.features import cached_features, extract_features, file_sha256
+from ssl_sec.evaluation.knn_command import knn_command
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -32,7 +33,8 @@ def _setup(seed: int = 0):
 def _cached(net, images, transform, cache_dir, key, **kwargs):
     """cached_features of (images, labels 0..N-1) on the CPU; the features only."""
     labels = torch.arange(images.shape[0])
-    feats, got = cached_features(net, (images, labels), transform, cache_dir, key,
+    feats, got = cached_features(net, ImageSet(images, labels, [], "t"), transform, cache_dir,
+                                 key,
                                  torch.device("cpu"), 16, **kwargs)
     assert torch.equal(got, labels)
     return feats

@@ -69,8 +69,8 @@ def trained(tmp_path_factory, data_root) -> dict:
         splits = load_splits(cfg.data)
         train_set, test_set = splits.bank, splits.test
         augment, transform = build_augment(cfg, torch.device("cuda"))
-        base = knn_monitor(init.backbone, (train_set.images.cuda(), train_set.labels.cuda()),
-                           (test_set.images.cuda(), test_set.labels.cuda()), transform, cfg)
+        base = knn_monitor(init.backbone, train_set.to(torch.device("cuda")),
+                           test_set.to(torch.device("cuda")), transform, cfg)
         out[method] = {"result": result, "init": base, "run": tmp / method}
     return out
 

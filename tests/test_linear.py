@@ -12,7 +12,6 @@ from ssl_sec.checkpoint import load_checkpoint
 from ssl_sec.config import LinearConfig, linear_from_dict, load_linear_recipe
 from ssl_sec.data import NORMALIZATION
 from ssl_sec.errors import CheckpointError, ConfigError
-from ssl_sec.evaluation.commands import backbone_and_config
 from ssl_sec.evaluation.linear import (
     check_trainable,
     frozen_backbone,
@@ -22,6 +21,7 @@ from ssl_sec.evaluation.linear import (
     probe_full,
     probe_on_features,
 )
+from ssl_sec.evaluation.session import EvalSession
 
 ROOT = Path(__file__).resolve().parents[1]
 LINEAR_RECIPES = sorted((ROOT / "recipes" / "linear").glob("*.yaml"))
@@ -74,7 +74,8 @@ def _bn_buffers(module: nn.Module) -> dict:
 
 def test_full_mode_keeps_backbone_and_bn_buffers_bit_identical(make_checkpoint, data_root):
     path = make_checkpoint()
-    backbone, cfg = backbone_and_config(path, [])
+    session = EvalSession(path, device="cpu", cache=False)
+    backbone, cfg = session.model, session.cfg
     # Make BN statistics non-trivial, so that a train-mode pass would visibly move them.
     with torch.no_grad():
         for m in backbone.modules():
@@ -173,7 +174,7 @@ def test_architecture_mismatch_is_refused(make_checkpoint):
     with pytest.raises(CheckpointError, match="model.cifar_stem"):
         linear_command(path, None, ["model.cifar_stem=true"], verbose=False)
     with pytest.raises(CheckpointError, match="resnet34"):
-        backbone_and_config(path, ["model.arch=resnet34"])
+        EvalSession(path, ["model.arch=resnet34"])
 
 
 def test_weights_that_do_not_fit_the_config_are_refused(make_checkpoint):
@@ -182,7 +183,7 @@ def test_weights_that_do_not_fit_the_config_are_refused(make_checkpoint):
     ckpt["config"]["model"]["arch"] = "resnet34"  # config says resnet34, weights are resnet18
     rewrite_checkpoint(path, ckpt)
     with pytest.raises(CheckpointError, match="does not match model.arch=resnet34"):
-        backbone_and_config(path, [])
+        EvalSession(path)
 
 
 @pytest.mark.parametrize("path", LINEAR_RECIPES, ids=[p.name for p in LINEAR_RECIPES])

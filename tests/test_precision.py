@@ -10,7 +10,7 @@ from helpers import small_cfg
 from ssl_sec import cli, engine
 from ssl_sec.checkpoint import load_checkpoint
 from ssl_sec.engine import build_model, optimize_step, train
-from ssl_sec.evaluation.commands import knn_command
+from ssl_sec.evaluation.knn_command import knn_command
 from ssl_sec.evaluation.linear import linear_command
 from ssl_sec.evaluation.norms import norms_command
 from ssl_sec.methods import METHODS

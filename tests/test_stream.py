@@ -294,7 +294,7 @@ def test_streamed_evaluation_never_decodes_the_set(tmp_path, data_root, sample_c
     """kNN, both linear-probe modes, few-shot and norms of a streamed checkpoint stream their
     images (the whole-set decoder is never called)."""
     from ssl_sec.data import registry
-    from ssl_sec.evaluation.commands import knn_command
+    from ssl_sec.evaluation.knn_command import knn_command
     from ssl_sec.evaluation.kshot import kshot_command
     from ssl_sec.evaluation.linear import linear_command
     from ssl_sec.evaluation.norms import norms_command

@@ -22,7 +22,6 @@ import pickle
 import tarfile
 import tempfile
 import urllib.request
-from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
@@ -30,100 +29,10 @@ from typing import IO, Any
 import numpy as np
 import torch
 
+from ssl_sec.data.imageset import ImageSet
 from ssl_sec.errors import ConfigError, DataError
 
-__all__ = ["ImageSet", "RestrictedUnpickler", "load_cifar", "resolve_root", "CIFAR_SPECS"]
-
-
-# ---------------------------------------------------------------------------------------------
-# ImageSet
-# ---------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True, eq=False)
-class ImageSet:
-    """An in-memory labelled image set.
-
-    Attributes:
-        images: uint8 ``(N, 3, H, W)``, contiguous.
-        labels: int64 ``(N,)``; ``labels[i]`` indexes ``classes``, or is -1 in a split without
-            labels (STL-10's ``unlabeled``).
-        classes: class names (CIFAR names, or WNIDs for ImageFolder sets).
-        name: dataset name, e.g. ``"cifar10"``.
-    """
-
-    images: torch.Tensor
-    labels: torch.Tensor
-    classes: list[str]
-    name: str
-
-    def __post_init__(self) -> None:
-        x, y = self.images, self.labels
-        if x.dtype != torch.uint8 or x.ndim != 4 or x.shape[1] != 3:
-            raise DataError(
-                f"{self.name}: images must be uint8 (N, 3, H, W), got {x.dtype} {tuple(x.shape)}"
-            )
-        if not x.is_contiguous():
-            raise DataError(f"{self.name}: images must be contiguous")
-        if y.dtype != torch.int64 or y.ndim != 1 or y.shape[0] != x.shape[0]:
-            raise DataError(
-                f"{self.name}: labels must be int64 of shape ({x.shape[0]},), "
-                f"got {y.dtype} {tuple(y.shape)}"
-            )
-        if y.device != x.device:
-            raise DataError(f"{self.name}: images on {x.device} but labels on {y.device}")
-
-    def __len__(self) -> int:
-        return int(self.images.shape[0])
-
-    @property
-    def num_classes(self) -> int:
-        return len(self.classes)
-
-    def subset(self, indices: Sequence[int] | torch.Tensor) -> ImageSet:
-        """The samples at ``indices`` (ints, or a boolean mask of length N), in that order."""
-        idx = torch.as_tensor(indices, device=self.images.device)
-        if idx.dtype == torch.bool:
-            if idx.shape != (len(self),):
-                raise DataError(
-                    f"{self.name}: boolean mask of shape {tuple(idx.shape)} for {len(self)} samples"
-                )
-            idx = idx.nonzero().flatten()
-        idx = idx.long().flatten()
-        if idx.numel() and (int(idx.min()) < -len(self) or int(idx.max()) >= len(self)):
-            raise DataError(f"{self.name}: subset index out of range for {len(self)} samples")
-        return ImageSet(
-            self.images.index_select(0, idx).contiguous(),
-            self.labels.index_select(0, idx),
-            list(self.classes),
-            self.name,
-        )
-
-    def select_classes(self, class_ids: Sequence[int], remap: bool = False) -> ImageSet:
-        """Keep only the samples whose label is in ``class_ids`` (original order of samples).
-
-        With ``remap=False`` the labels keep their original ids and ``classes`` is unchanged, so
-        labels still index the full class list (a 10-way classifier trained on the subset still
-        works, and results stay comparable with the full set). With ``remap=True`` the label
-        ``class_ids[k]`` becomes ``k`` and ``classes`` becomes ``[classes[i] for i in class_ids]``.
-        """
-        ids = [int(c) for c in class_ids]
-        bad = [c for c in ids if not 0 <= c < self.num_classes]
-        if bad:
-            raise DataError(f"{self.name}: class ids {bad} out of range [0, {self.num_classes})")
-        if len(set(ids)) != len(ids):
-            raise DataError(f"{self.name}: repeated class ids in {ids}")
-        id_t = torch.tensor(ids, dtype=torch.int64, device=self.labels.device)
-        keep = torch.isin(self.labels, id_t).nonzero().flatten()
-        images = self.images.index_select(0, keep).contiguous()
-        labels = self.labels.index_select(0, keep)
-        classes = list(self.classes)
-        if remap:
-            lut = torch.full((self.num_classes,), -1, dtype=torch.int64, device=labels.device)
-            lut[id_t] = torch.arange(len(ids), device=labels.device)
-            labels = lut[labels]
-            classes = [self.classes[i] for i in ids]
-        return ImageSet(images, labels, classes, self.name)
+__all__ = ["RestrictedUnpickler", "load_cifar", "resolve_root", "CIFAR_SPECS"]
 
 
 # ---------------------------------------------------------------------------------------------

@@ -19,8 +19,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from ssl_sec.data.cifar import ImageSet
 from ssl_sec.data.crops import BAD_HINT, BadFileLog, open_image
+from ssl_sec.data.imageset import ImageSet
 from ssl_sec.errors import ConfigError, DataError
 
 __all__ = ["load_imagefolder", "list_images", "read_class_file", "IMG_EXTENSIONS"]

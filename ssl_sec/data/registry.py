@@ -11,8 +11,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from ssl_sec.data.cifar import ImageSet, load_cifar, resolve_root
+from ssl_sec.data.cifar import load_cifar, resolve_root
 from ssl_sec.data.imagefolder import load_imagefolder
+from ssl_sec.data.imageset import ImageSet
 from ssl_sec.data.stl10 import load_stl10
 from ssl_sec.errors import ConfigError
 

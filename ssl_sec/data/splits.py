@@ -12,8 +12,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from ssl_sec.data.cifar import ImageSet
 from ssl_sec.data.imagefolder import list_images
+from ssl_sec.data.imageset import ImageSet
 from ssl_sec.data.index import build_index
 from ssl_sec.data.registry import dataset_spec, split_folder
 from ssl_sec.data.stream import StreamSet, default_workers

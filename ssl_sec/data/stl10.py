@@ -22,7 +22,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ssl_sec.data.cifar import _FIX_HINT, ImageSet, _download, _md5, resolve_root
+from ssl_sec.data.cifar import _FIX_HINT, _download, _md5, resolve_root
+from ssl_sec.data.imageset import ImageSet
 from ssl_sec.errors import ConfigError, DataError
 
 __all__ = ["SPLITS", "load_stl10"]

@@ -16,7 +16,7 @@ from __future__ import annotations
 import os
 import warnings
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
@@ -57,6 +57,24 @@ class StreamSet:
 
     def __len__(self) -> int:
         return len(self.index)
+
+    streamed = True
+
+    def subset(self, indices: list[int]) -> StreamSet:
+        return replace(self, index=self.index.subset(indices))
+
+    def select_classes(self, class_ids: list[int]) -> StreamSet:
+        return replace(self, index=self.index.select_classes(class_ids))
+
+    def eval_batches(self, device: torch.device, size: int, resize: int | None = None,
+                     batch_size: int = 1024) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """The evaluation views (shorter side `resize`, centre crop `size`) in order, decoded
+        by DataLoader workers: the set is never held in memory."""
+        return stream_batches(self, size, resize, min(batch_size, 256), device)
+
+    def digest(self) -> str:
+        """What identifies its images: the file index (paths, sizes, times, labels)."""
+        return "files:" + self.index.digest()
 
 
 def _one_thread(_: int) -> None:

@@ -14,8 +14,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..checkpoint import atomic_save
-from ..data.cifar import ImageSet
-from ..data.stream import StreamSet, stream_batches
+from ..data.imageset import ImageSet
+from ..data.stream import StreamSet
 from ..runtime import autocast_for, effective_precision
 
 
@@ -55,24 +55,17 @@ def extract_features(backbone: nn.Module, images: torch.Tensor, transform: nn.Mo
     return F.normalize(feats, dim=1) if normalize else feats
 
 
-Labelled = ImageSet | StreamSet | tuple[torch.Tensor, torch.Tensor]
+# An ImageSet or a StreamSet: both answer `eval_batches` and `digest` (data/imageset.py).
+Labelled = ImageSet | StreamSet
 
 
 def labelled_batches(source: Labelled, device: torch.device, size: int,
                      resize: int | None = None, batch_size: int = 1024
                      ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """A labelled set's images in order, as (uint8 images, labels) batches on `device`.
-
-    source: an ImageSet, (uint8 images, labels) tensors, or a StreamSet (its evaluation
-    views, shorter side `resize` and centre crop `size`, decoded by DataLoader workers: the
-    set is never held in memory; a bad file left out by `skip_bad_images` is absent)."""
-    if isinstance(source, StreamSet):
-        yield from stream_batches(source, size, resize, min(batch_size, 256), device)
-        return
-    images, labels = (source.images, source.labels) if isinstance(source, ImageSet) else source
-    for start in range(0, images.shape[0], batch_size):
-        yield (images[start:start + batch_size].to(device),
-               labels[start:start + batch_size].to(device))
+    """A labelled set's images in order, as (uint8 images, labels) batches on `device` (a
+    streamed set's evaluation views: shorter side `resize`, centre crop `size`; a bad file
+    left out by `skip_bad_images` is absent)."""
+    return source.eval_batches(device, size, resize, batch_size)
 
 
 def labelled_features(backbone: nn.Module, source: Labelled, transform: nn.Module,
@@ -91,14 +84,6 @@ def labelled_features(backbone: nn.Module, source: Labelled, transform: nn.Modul
     feats = F.normalize(feats, dim=1) if normalize else feats
     return feats, (torch.cat(labels) if labels else torch.zeros(0, dtype=torch.int64,
                                                                  device=device))
-
-
-def source_digest(source: Labelled) -> str:
-    """What identifies a set's images for the feature cache: the pixels, or the file index."""
-    if isinstance(source, StreamSet):
-        return "files:" + source.index.digest()
-    images = source.images if isinstance(source, ImageSet) else source[0]
-    return tensor_digest(images)
 
 
 # ----------------------------------------------------------------------------- feature cache
@@ -123,17 +108,6 @@ def file_sha256(path: str | Path) -> str:
     path = Path(path).resolve()
     st = path.stat()
     return _file_sha256(str(path), st.st_size, st.st_mtime_ns)
-
-
-def tensor_digest(x: torch.Tensor) -> str:
-    """blake2b of a tensor's bytes: the cache key covers the exact images, not just their
-    dataset name (a different data.root or a re-packed copy gets its own entry)."""
-    data = x.detach().contiguous().cpu()
-    digest = hashlib.blake2b(digest_size=16)
-    digest.update(str((tuple(data.shape), str(data.dtype))).encode())
-    digest.update(data.view(torch.uint8).reshape(-1).numpy().tobytes()
-                  if data.numel() else b"")
-    return digest.hexdigest()
 
 
 def _canonical(parts: dict) -> dict:
@@ -167,11 +141,10 @@ def cached_features(backbone: nn.Module, source: Labelled, transform: nn.Module,
 
     if cache_dir is None:
         return compute()
-    parts = _canonical({**key_parts, "n_images": len(source[1] if isinstance(source, tuple)
-                                                     else source.labels),
-                        "images": source_digest(source), "normalized": bool(normalize),
+    parts = _canonical({**key_parts, "n_images": len(source.labels),
+                        "images": source.digest(), "normalized": bool(normalize),
                         "precision": effective_precision(device, precision),
-                        "resize": resize if isinstance(source, StreamSet) else None})
+                        "resize": resize if source.streamed else None})
     key = hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
     path = Path(cache_dir) / f"{key[:32]}.pt"
     if path.is_file():

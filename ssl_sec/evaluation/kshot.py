@@ -29,7 +29,6 @@ test when the test split has too few images per class.
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 import time
 from collections.abc import Iterator, Sequence
@@ -39,22 +38,13 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..checkpoint import load_checkpoint
-from ..data import class_names, load_splits
+from ..config import MAX_SEED
+from ..data import class_names
 from ..errors import UserError
-from ..runtime import resolve_device
-from .commands import (
-    backbone_from_checkpoint,
-    cache_dir_for,
-    checkpoint_config,
-    eval_transform_for,
-    pretrain_dataset,
-    split_features,
-    to_device,
-)
+from .session import EvalSession
 
 DEFAULT_SHOTS = (1, 5, 10, 50)
-METHODS = ("prototype", "nn1", "logistic")
+CLASSIFIERS = ("prototype", "nn1", "logistic")
 SPLITS = ("test", "train", "all")
 
 
@@ -176,7 +166,7 @@ def kshot_evaluate(features: torch.Tensor, labels: torch.Tensor,
             skipped[str(k)] = (f"class {worst} has only {int(counts.min())} images; k={k} needs "
                                f"> {k} per class (k support + at least one query)")
             continue
-        values: dict[str, list[float]] = {m: [] for m in METHODS}
+        values: dict[str, list[float]] = {m: [] for m in CLASSIFIERS}
         for r in range(replications):
             rng = np.random.default_rng([seed, k, r])
             mask = torch.from_numpy(sample_support(y_np, k, rng)).to(features.device)
@@ -189,7 +179,7 @@ def kshot_evaluate(features: torch.Tensor, labels: torch.Tensor,
                 values[m].append((p == qy).double().mean().item() * 100.0)
         entry: dict = {"n_support": int(k * num_classes),
                        "n_query": int(features.shape[0] - k * num_classes)}
-        for m in METHODS:
+        for m in CLASSIFIERS:
             mean, ci = mean_ci95(values[m])
             entry[m] = {"mean": mean, "ci95": ci, "values": values[m]}
         results[str(k)] = entry
@@ -221,6 +211,30 @@ def parse_classes(tokens: Sequence[str]) -> list[int]:
     return sorted(ids)
 
 
+OVERRIDES = ("overrides of the checkpoint's config, e.g. data.root=... (all target-class "
+             "images are used unless data.test_subset=N)")
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument("--shots", type=int, nargs="+", default=list(DEFAULT_SHOTS),
+                        metavar="K")
+    parser.add_argument("--replications", type=int, default=10, metavar="R")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--target-classes", nargs="+", default=None, metavar="IDS",
+                        help="e.g. 50-99 or 3 5 7 (default: the classes the checkpoint was "
+                             "not pretrained on, else all)")
+    parser.add_argument("--split", default="test", choices=SPLITS,
+                        help="where the target images come from (default: test)")
+    parser.add_argument("--logistic-c", type=float, default=1.0, metavar="C",
+                        help="inverse L2 strength of the logistic probe (scikit-learn's C)")
+
+
+def run(args) -> dict:
+    return kshot_command(Path(args.checkpoint), args.shots, args.replications, args.seed,
+                         args.target_classes, args.split, args.overrides,
+                         cache=not args.no_cache, logistic_c=args.logistic_c)
+
+
 def kshot_command(path: Path, shots: Sequence[int] = DEFAULT_SHOTS, replications: int = 10,
                   seed: int = 0, target_classes: Sequence[str] | None = None,
                   split: str = "test", overrides: list[str] | None = None,
@@ -235,31 +249,28 @@ def kshot_command(path: Path, shots: Sequence[int] = DEFAULT_SHOTS, replications
         raise UserError(f"--logistic-c {logistic_c}: must be > 0")
     if split not in SPLITS:
         raise UserError(f"--split {split!r}: use one of {', '.join(SPLITS)}")
+    if not 0 <= seed <= MAX_SEED:
+        raise UserError(f"--seed {seed}: must be in [0, {MAX_SEED}]")
     target = parse_classes(target_classes) if target_classes else None
     path = Path(path)
-    ckpt = load_checkpoint(path)
-    cfg = checkpoint_config(path, ckpt, overrides)
-    source = cfg.data.classes
-    n_all = len(class_names(cfg.data))
-    if target is None:
-        target = [c for c in range(n_all) if source is None or c not in source]
-        target = target or list(range(n_all))
-    # Every image of the target classes, whatever subset the pretraining run used; an explicit
-    # data.train_subset / data.test_subset override still applies (first N after the class filter).
-    cfg = checkpoint_config(path, ckpt, overrides,
-                            {"data": {"classes": target, "train_subset": 0, "test_subset": 0}})
-    device = resolve_device(cfg.device)
-    backbone = to_device(backbone_from_checkpoint(path, ckpt, cfg), cfg, device)
-    transform = eval_transform_for(cfg, pretrain_dataset(ckpt), device)
-    del ckpt
-    splits = load_splits(cfg.data, cache_dir=path.parent)
-    cache_dir = cache_dir_for(path, cache)
+    source: list[int] | None = None
+
+    def target_images(cfg) -> dict:
+        # Every image of the target classes, whatever subset the pretraining run used; an
+        # explicit data.train_subset / data.test_subset override still applies (first N
+        # after the class filter).
+        nonlocal target, source
+        source = cfg.data.classes
+        n_all = len(class_names(cfg.data))
+        if target is None:
+            target = [c for c in range(n_all) if source is None or c not in source]
+            target = target or list(range(n_all))
+        return {"data": {"classes": target, "train_subset": 0, "test_subset": 0}}
+
+    session = EvalSession(path, overrides, data=target_images, cache=cache)
+    cfg = session.cfg
     t0 = time.perf_counter()
-    parts = []
-    for name, ds in (("train", splits.bank), ("test", splits.test)):
-        if split in (name, "all"):
-            parts.append(split_features(backbone, ds, transform, cache_dir, path, cfg, name,
-                                        device))
+    parts = [session.features(name) for name in ("train", "test") if split in (name, "all")]
     feats = torch.cat([p[0] for p in parts])
     labels = torch.cat([p[1] for p in parts])
     missing = sorted(set(target) - set(labels.unique().tolist()))
@@ -280,5 +291,5 @@ def kshot_command(path: Path, shots: Sequence[int] = DEFAULT_SHOTS, replications
         "logistic": {"C": logistic_c, "solver": "torch L-BFGS, float64, multinomial"},
         **out, "seconds": round(time.perf_counter() - t0, 2),
     }
-    path.with_name(f"{path.stem}.kshot.json").write_text(json.dumps(result, indent=2) + "\n")
+    session.write("kshot", result)
     return result

@@ -20,7 +20,6 @@ Both report the **final** epoch's test accuracy.
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 import sys
 import time
@@ -32,24 +31,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..checkpoint import load_checkpoint
 from ..config import LinearConfig, LinearOptimConfig, load_linear_recipe, to_dict
-from ..data import NORMALIZATION, load_splits
-from ..data.stream import CropStream, StreamLoader, StreamSet
+from ..data import NORMALIZATION
+from ..data.stream import CropStream, StreamLoader
 from ..errors import ConfigError
 from ..optim import set_lr
-from ..runtime import autocast_for, resolve_device
+from ..runtime import autocast_for
 from ..schedules import lr_at, step_decay
-from .commands import (
-    backbone_from_checkpoint,
-    cache_dir_for,
-    checkpoint_config,
-    eval_transform_for,
-    pretrain_dataset,
-    split_features,
-    to_device,
-)
 from .knn import knn_accuracy
+from .session import EvalSession
 
 if TYPE_CHECKING:
     from ..recipe import Config
@@ -222,7 +212,7 @@ def _train_batches(source, cfg: Config, lcfg: LinearConfig, device: torch.device
     set on the device, or, for a streamed set, one random-resized crop per image cut by the
     loader's workers (only the flip is left for the device)."""
     bs = lcfg.optim.batch_size
-    if not isinstance(source, StreamSet):
+    if not source.streamed:
         images, labels = source.images.to(device), source.labels.to(device)
         order = _shuffled(images.shape[0], bs, lcfg.seed, device)
         return (lambda epoch: ((images[idx], labels[idx]) for idx in order(epoch)),
@@ -244,13 +234,12 @@ def _train_batches(source, cfg: Config, lcfg: LinearConfig, device: torch.device
 
 
 # ----------------------------------------------------------------------------- command
-def _data_extra(saved: dict, cfg: LinearConfig) -> dict:
+def _data_extra(saved: Config, cfg: LinearConfig) -> dict:
     """The linear recipe's data/model sections as a patch of the checkpoint's config."""
     data = {k: v for k, v in to_dict(cfg)["data"].items() if v is not None}
     if data.get("classes") == "all":
         data["classes"] = None
-    elif "classes" not in data and data.get("dataset", saved["data"]["dataset"]) \
-            != saved["data"]["dataset"]:
+    elif "classes" not in data and data.get("dataset", saved.data.dataset) != saved.data.dataset:
         data["classes"] = None  # class ids of the pretraining set mean nothing in another one
     model = {k: v for k, v in to_dict(cfg)["model"].items() if v is not None}
     return {"data": data, "model": model, "device": cfg.device, "precision": cfg.precision}
@@ -273,6 +262,21 @@ def protocol_text(cfg: LinearConfig, dim: int, num_classes: int) -> str:
             f"horizontal flip (p={a.hflip_p}) on the device; " + opt)
 
 
+OVERRIDES = ("overrides of the linear recipe, e.g. mode=features optim.epochs=30 "
+             "data.dataset=cifar100")
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument("--recipe", default=None,
+                        help="linear recipe YAML (default: the built-in CIFAR protocol, "
+                             "as recipes/linear/cifar.yaml)")
+
+
+def run(args) -> dict:
+    return linear_command(Path(args.checkpoint), args.recipe, args.overrides,
+                          cache=not args.no_cache)
+
+
 def linear_command(path: Path, recipe: str | Path | None, overrides: list[str],
                    cache: bool = True, verbose: bool | None = None) -> dict:
     """`ssl-sec linear`: train and test a linear probe; writes `<stem>.linear.json` and
@@ -283,41 +287,35 @@ def linear_command(path: Path, recipe: str | Path | None, overrides: list[str],
 
     lcfg = load_linear_recipe(recipe, overrides)
     path = Path(path)
-    ckpt = load_checkpoint(path)
-    cfg = checkpoint_config(path, ckpt, None, _data_extra(ckpt["config"], lcfg))
-    device = resolve_device(lcfg.device)
-    backbone = to_device(backbone_from_checkpoint(path, ckpt, cfg), cfg, device)
-    base = pretrain_dataset(ckpt)
-    del ckpt
-    splits = load_splits(cfg.data, cache_dir=path.parent)
-    transform = eval_transform_for(cfg, base, device)
-    cache_dir = cache_dir_for(path, cache)
+    # The probe's data, model, device and precision patch the checkpoint's config.
+    session = EvalSession(path, data=lambda saved: _data_extra(saved, lcfg), cache=cache)
+    cfg, device, backbone = session.cfg, session.device, session.model
+    base, splits = session.pretrain_dataset, session.splits
     num_classes = len(splits.bank.classes)
 
     show = sys.stderr.isatty() if verbose is None else verbose
     log = (lambda msg: print(msg, file=sys.stderr, flush=True)) if show else None
     t0 = time.perf_counter()
 
-    def feats_of(split: str, source) -> tuple[torch.Tensor, torch.Tensor]:
+    def feats_of(split: str) -> tuple[torch.Tensor, torch.Tensor]:
         # Raw (un-normalised) pooled features: what the head sees in the full protocol too.
-        return split_features(backbone, source, transform, cache_dir, path, cfg, split, device,
-                              normalize=False, precision=lcfg.precision)
+        return session.features(split, normalize=False, precision=lcfg.precision)
 
-    test_feats, test_y = feats_of("test", splits.test)
+    test_feats, test_y = feats_of("test")
     dim = test_feats.shape[1]
     tb_dir = path.parent / "linear_tb" / f"{path.stem}.{lcfg.mode}"
     writer = SummaryWriter(log_dir=str(tb_dir))
     try:
         if lcfg.mode == "features":
             with frozen_backbone(backbone):
-                train_feats, train_y = feats_of("train", splits.bank)
+                train_feats, train_y = feats_of("train")
             out = probe_on_features(train_feats, train_y, test_feats, test_y, num_classes,
                                     lcfg, writer, log)
             n_train = len(train_y)
         else:
             mean, std = NORMALIZATION[base]
             a = lcfg.augment
-            streamed = isinstance(splits.bank, StreamSet)
+            streamed = splits.bank.streamed
             augment = LinearTrainAugment(size=cfg.augment.size, mean=mean, std=std,
                                          crop=None if streamed else a.crop, padding=a.padding,
                                          crop_scale=tuple(a.crop_scale),
@@ -335,5 +333,5 @@ def linear_command(path: Path, recipe: str | Path | None, overrides: list[str],
               "checkpoint": str(path), "backbone_unchanged": True,
               "tensorboard": str(tb_dir), "recipe": to_dict(lcfg),
               "seconds": round(time.perf_counter() - t0, 2)}
-    path.with_name(f"{path.stem}.linear.json").write_text(json.dumps(result, indent=2) + "\n")
+    session.write("linear", result)
     return result

@@ -9,7 +9,6 @@ projector outputs z alike, in eval mode and **before** any L2 normalisation. It 
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Iterable
 from pathlib import Path
@@ -17,13 +16,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..checkpoint import load_checkpoint
-from ..data import load_splits
-from ..errors import CheckpointError, UserError
-from ..methods import build_model
-from ..runtime import resolve_device
-from .commands import checkpoint_config, eval_transform_for, pretrain_dataset
-from .features import embed, labelled_batches
+from ..errors import UserError
+from .features import embed
+from .session import EvalSession
 
 
 def norm_statistics(norms: torch.Tensor) -> dict[str, float]:
@@ -97,29 +92,32 @@ def plot_norm_histograms(h_norms: torch.Tensor, z_norms: torch.Tensor, stats: di
     plt.close(fig)
 
 
+OVERRIDES = ("overrides of the checkpoint's config; the whole test set is embedded unless "
+             "e.g. data.test_subset=1000")
+
+
+def add_arguments(parser) -> None:
+    """No options of its own (its features are not cached: --no-cache changes nothing)."""
+
+
+def run(args) -> dict:
+    return norms_command(Path(args.checkpoint), args.overrides)
+
+
 def norms_command(path: Path, overrides: list[str] | None = None) -> dict:
     """`ssl-sec norms`: statistics of ||h|| and ||z|| on the test set, JSON + PNG beside the
     checkpoint."""
     _pyplot()  # fail before the expensive part when matplotlib is missing
     path = Path(path)
-    ckpt = load_checkpoint(path)
     # The whole test set unless data.test_subset is overridden (the pretraining run's subset
     # was a speed device, not part of this diagnostic).
-    cfg = checkpoint_config(path, ckpt, overrides, {"data": {"test_subset": 0}})
-    device = resolve_device(cfg.device)
-    model = build_model(cfg, device)
-    try:
-        model.load_state_dict(ckpt["model"])
-    except (RuntimeError, KeyError) as err:
-        raise CheckpointError(f"checkpoint '{path}' does not fit the model its config describes "
-                              f"({str(err).splitlines()[0][:160]})") from None
-    transform = eval_transform_for(cfg, pretrain_dataset(ckpt), device)
-    del ckpt
-    test_set = load_splits(cfg.data, cache_dir=path.parent).test
+    session = EvalSession(path, overrides, data={"data": {"test_subset": 0}}, projector=True)
+    cfg, device = session.cfg, session.device
     t0 = time.perf_counter()
-    batches = (x for x, _ in labelled_batches(test_set, device, cfg.augment.size,
-                                              cfg.data.eval_resize))
-    h, z = embed_norms(model.encoder, batches, transform, device, precision=cfg.precision)
+    batches = (x for x, _ in session.splits.test.eval_batches(device, cfg.augment.size,
+                                                              cfg.data.eval_resize))
+    h, z = embed_norms(session.model, batches, session.transform, device,
+                       precision=session.precision)
     stats = {"h": norm_statistics(h), "z": norm_statistics(z)}
     png = path.with_name(f"{path.stem}.norms.png")
     plot_norm_histograms(h, z, stats, png, title=f"{path} on {cfg.data.dataset} test "
@@ -129,5 +127,5 @@ def norms_command(path: Path, overrides: list[str] | None = None) -> dict:
               "sec_eta": cfg.loss.sec.eta,
               "layers": {"h": "backbone pooled features", "z": "projector output (online)"},
               **stats, "png": str(png), "seconds": round(time.perf_counter() - t0, 2)}
-    path.with_name(f"{path.stem}.norms.json").write_text(json.dumps(result, indent=2) + "\n")
+    session.write("norms", result)
     return result
