@@ -25,6 +25,7 @@ EPILOG = """examples:
   ssl-sec linear --checkpoint runs/quickstart/last.pt mode=features optim.epochs=30
   ssl-sec kshot --checkpoint runs/c100_src/last.pt --shots 1 5 --target-classes 50-99
   ssl-sec norms --checkpoint runs/quickstart/last.pt
+  ssl-sec shift --checkpoint runs/quickstart/last.pt --splits 8 --pca-dim 32
   ssl-sec export --checkpoint runs/quickstart/last.pt --format torchvision
   ssl-sec config recipes/cifar10/simclr_sec.yaml loss.sec.ramp=constant
 data: data.root in the recipe, else $SSL_SEC_DATA, else ./data (downloaded when missing).

@@ -13,4 +13,6 @@ EVALUATIONS = {
     "linear": ("linear", "linear probe of a checkpoint's frozen backbone"),
     "kshot": ("kshot", "few-shot transfer: prototype, 1-NN, logistic probe"),
     "norms": ("norms", "histograms and statistics of ||h|| and ||z||"),
+    "shift": ("shift", "ooDML class splits of increasing FID: kNN top-1 and Recall@1 on "
+                       "their test classes"),
 }
