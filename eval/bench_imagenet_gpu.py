@@ -280,7 +280,7 @@ def _rows(path: Path) -> list[dict]:
 
 # ----------------------------------------------------------------------------- 2. loader alone
 def child_loader(spec: dict) -> dict:
-    """Whole epochs of the StreamLoader the engine builds (engine._data_pipeline's streaming
+    """Whole epochs of the StreamLoader the engine builds (engine.data_pipeline's streaming
     branch), per decode; batches are on the device when counted."""
     import torch
 

@@ -1,13 +1,14 @@
 """The training loop: data, model, objective, schedules, resume, loop, in plain phases.
 
 Nothing happens in invisible callbacks: every update (optimizer, momentum encoder, queue,
-SEC buffer), every log line and every checkpoint is called from `train` below.
+SEC buffer), every log line and every checkpoint is called from `train` below. The parts it
+calls live beside it: the input pipeline (pipeline.py), what it shows and records
+(progress.py), when it writes checkpoints (save_policy.py) and what it resumes (resume.py).
 """
 
 from __future__ import annotations
 
 import json
-import os
 import random
 import sys
 import time
@@ -16,32 +17,23 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from torch.utils.tensorboard import SummaryWriter
 
 from . import config as config_mod
 from . import distributed as dist
-from .augment import EvalTransform, TwoViews, ViewAugment, preview_grid
-from .checkpoint import (
-    link_atomically,
-    load_checkpoint,
-    restore_training_state,
-    rng_state,
-    save_rotated,
-    training_state,
-)
-from .config import AugmentConfig, resume_policy, show
-from .data import NORMALIZATION, DeviceLoader, load_splits
-from .data.crops import read_centre
-from .data.stream import BytesStream, CropStream, StreamLoader, eval_resize_for
-from .errors import CheckpointError, ConfigError, UserError
+from .checkpoint import restore_training_state
+from .data import load_splits
+from .errors import ConfigError, UserError
 from .evaluation.features import Labelled, labelled_features
 from .evaluation.knn import knn_evaluate
 from .methods import build_model
 from .optim import build_optimizer, set_lr
+from .pipeline import build_augment, data_pipeline, log_previews, view_augment  # noqa: F401
 from .preemption import Preempted, StopRequests
-from .provenance import CHANGES, CONFIG, config_changes, record_changes
+from .progress import EpochTimer, Logger, ProgressLines, epoch_bar, say, step_scalars
+from .provenance import CONFIG
 from .recipe import Config, from_stored
-from .run_dir import RunDir, open_run, run_root
+from .resume import open_run_dir, read_resume
+from .run_dir import RunDir
 from .runtime import (
     autocast_for,
     backends,
@@ -50,188 +42,8 @@ from .runtime import (
     memory_note,
     resolve_device,
 )
+from .save_policy import SavePolicy, check_finite
 from .schedules import lr_at
-
-# Keys that may differ between a run and its resumption (field metadata in config.py):
-# "free" (where things are, how often to log or evaluate) and "adjustable" (what the NaN
-# message advises: it changes the optimisation, so a resume that changes it says so).
-# Everything else changes the optimisation and must match.
-RESUME_POLICY = resume_policy(Config)
-
-
-# ----------------------------------------------------------------------------- setup
-def view_augment(a: AugmentConfig, dataset: str, crop: bool = True) -> ViewAugment:
-    """One view's augmentation from its recipe section."""
-    mean, std = NORMALIZATION[dataset]
-    return ViewAugment(size=a.size, crop_scale=tuple(a.crop_scale), crop_ratio=tuple(a.crop_ratio),
-                       hflip_p=a.hflip_p, jitter_p=a.jitter_p, brightness=a.brightness,
-                       contrast=a.contrast, saturation=a.saturation, hue=a.hue, gray_p=a.gray_p,
-                       blur_p=a.blur_p, blur_sigma=tuple(a.blur_sigma),
-                       solarize_p=a.solarize_p, mean=mean, std=std, crop=crop)
-
-
-def build_augment(cfg: Config, device: torch.device, crop: bool = True
-                  ) -> tuple[TwoViews, EvalTransform]:
-    """The two views (`augment`, and `augment2` when the views differ) and the eval view.
-    crop=False: the loader delivers each view's crop (streaming), the views start at the flip."""
-    first = view_augment(cfg.augment, cfg.data.dataset, crop)
-    second = None if cfg.augment2 is None else view_augment(cfg.augment2, cfg.data.dataset, crop)
-    mean, std = NORMALIZATION[cfg.data.dataset]
-    eval_view = EvalTransform(size=cfg.augment.size, mean=mean, std=std)
-    return TwoViews(first, second).to(device), eval_view.to(device)
-
-
-def check_resume_config(saved: dict, cfg: Config) -> dict[str, list]:
-    """Refuse a resume whose recipe changes the optimisation; return every change (keys of
-    RESUME_POLICY only): {dotted key: [saved, now]}. The saved config may come from an
-    older version: its keys are moved to their current place first (recipe.upgrade), and
-    sections it lacks (added since) hold their defaults."""
-    saved = config_mod.to_dict(from_stored(saved))
-    changes = config_changes(saved, config_mod.to_dict(cfg))
-    refused = [f"{key}: {show(a)} -> {show(b)}" for key, (a, b) in changes.items()
-               if key not in RESUME_POLICY]
-    if refused:
-        raise ConfigError("--resume with a recipe that differs from the run's config.yaml in "
-                          + "; ".join(refused) + "; resume with the same recipe and overrides")
-    return changes
-
-
-def _open_run(cfg: Config, resume: bool | str | Path | None) -> RunDir:
-    """Rank 0 creates, locks and inspects the run directory and says which checkpoint (if
-    any) the run continues from; every rank gets the same answer, or the same error."""
-    mode = "last" if resume is True else (resume or None)
-    run, error = None, None
-    if dist.is_main():
-        try:
-            run = open_run(cfg.out_dir, cfg.name, mode)
-        except UserError as err:
-            error = err
-    decided = dist.broadcast_object(
-        (None if run is None else run.resume_from, None if error is None else str(error)))
-    if error is not None:
-        raise error
-    if decided[1] is not None:
-        raise UserError(decided[1])
-    return run or RunDir(run_root(cfg.out_dir, cfg.name), resume_from=decided[0])
-
-
-def _read_resume(run: RunDir, cfg: Config, world: int) -> tuple[dict, dict[str, list]]:
-    """The checkpoint to continue from, and the config changes of this resume."""
-    ckpt = load_checkpoint(run.resume_from, training=True)  # its config is a dict
-    changes = check_resume_config(ckpt["config"], cfg)
-    for key, (old, new) in changes.items():
-        if RESUME_POLICY.get(key) == "adjustable":
-            say(f"note: resuming with a changed {key}: {old!r} -> {new!r} (allowed for this "
-                f"key, recorded in {CHANGES} with the step it applies from)")
-    saved_world = ckpt.get("world_size", len(ckpt["rng"]) if isinstance(ckpt["rng"], list) else 1)
-    if saved_world != world:
-        raise CheckpointError(
-            f"checkpoint '{run.resume_from}' was written by {saved_world} process(es), this "
-            f"run has {world}; resume with the same world size (torchrun --nnodes x "
-            f"--nproc_per_node = {saved_world}): each process's random state is restored")
-    return ckpt, changes
-
-
-# ----------------------------------------------------------------------------- logging
-class Logger:
-    """TensorBoard + metrics.jsonl + console, from rank 0 only.
-
-    A resumed run replays the steps after its checkpoint: their rows from the interrupted
-    attempt are dropped (metrics.jsonl rewritten, TensorBoard's purge_step), so each step
-    is logged once."""
-
-    def __init__(self, run: RunDir, resumed_step: int | None = None):
-        if resumed_step is not None and run.metrics.is_file():
-            kept = [line for line in run.metrics.read_text().splitlines(keepends=True)
-                    if _row_step(line) <= resumed_step]
-            tmp = run.metrics.with_name(".metrics.jsonl.tmp")
-            tmp.write_text("".join(kept))
-            os.replace(tmp, run.metrics)
-        purge = None if resumed_step is None else resumed_step + 1
-        self.tb = SummaryWriter(log_dir=str(run.root / "tb"), purge_step=purge)
-        self.jsonl = open(run.metrics, "a")  # noqa: SIM115 - closed in close()
-
-    def scalars(self, step: int, values: dict[str, float], kind: str) -> None:
-        for key, value in values.items():
-            self.tb.add_scalar(key, value, step)
-        self.jsonl.write(json.dumps({"kind": kind, "step": step, **values}) + "\n")
-        self.jsonl.flush()
-
-    def close(self) -> None:
-        self.tb.close()
-        self.jsonl.close()
-
-
-def _row_step(line: str) -> float:
-    try:
-        return json.loads(line)["step"]
-    except (ValueError, KeyError, TypeError):
-        return float("inf")  # a line cut by a kill: dropped
-
-
-def say(msg: str) -> None:
-    if dist.is_main():
-        print(msg, flush=True)
-
-
-# ----------------------------------------------------------------------------- data
-def _data_pipeline(cfg: Config, splits, device: torch.device, rank: int, world: int):
-    """The loader of the pretraining set, the two views, the eval view, and the kNN monitor's
-    bank and test sets, for memory or streaming mode."""
-    generator = torch.Generator().manual_seed(cfg.seed)
-    if splits.mode == "memory":
-        # The whole uint8 set lives on the device; batches are index_select'ed there. The
-        # kNN bank is usually the pretraining set itself: one device copy serves both.
-        on_device = {}
-
-        def moved(s):
-            if id(s) not in on_device:
-                on_device[id(s)] = s.to(device)
-            return on_device[id(s)]
-
-        pretrain = moved(splits.pretrain)
-        loader = DeviceLoader(pretrain.images, pretrain.labels, cfg.optim.batch_size,
-                              shuffle=True, drop_last=True, generator=generator,
-                              shard=(rank, world))
-        views, eval_transform = build_augment(cfg, device)
-        return loader, views, eval_transform, [moved(splits.bank), moved(splits.test)]
-    if cfg.data.decode == "gpu" and device.type != "cuda":
-        raise ConfigError(f"data.decode=gpu needs a CUDA device, this run is on {device}; "
-                          "use data.decode=cpu")
-    second = cfg.augment2 or cfg.augment
-    crops = [(cfg.augment.crop_scale, cfg.augment.crop_ratio),
-             (second.crop_scale, second.crop_ratio)]
-    kind = BytesStream if cfg.data.decode == "gpu" else CropStream
-    dataset = kind(splits.pretrain.index, cfg.augment.size, crops, cfg.seed,
-                   cfg.data.skip_bad_images)
-    loader = StreamLoader(dataset, cfg.optim.batch_size, generator, device, (rank, world),
-                          splits.pretrain.workers, log=say)
-    views, eval_transform = build_augment(cfg, device, crop=False)
-    return loader, views, eval_transform, [splits.bank, splits.test]
-
-
-def _preview_images(cfg: Config, splits, device: torch.device) -> torch.Tensor:
-    """16 pretraining images at the views' input size, for the augmentation previews."""
-    if splits.mode == "memory":
-        return splits.pretrain.images[:16].to(device)
-    index, size = splits.pretrain.index, cfg.augment.size
-    resize = eval_resize_for(size, cfg.data.eval_resize)
-    pixels = [torch.from_numpy(read_centre(index.path(i), size, resize)).permute(2, 0, 1)
-              for i in range(min(16, len(index)))]
-    return torch.stack(pixels).to(device)
-
-
-@torch.no_grad()
-def _log_previews(log: Logger, cfg: Config, splits, views: torch.nn.Module,
-                  eval_transform: torch.nn.Module, device: torch.device) -> None:
-    """The augmentation previews of a new run. They use their own generator state: they must
-    not shift the training RNG stream (a resumed run has to replay the same draws)."""
-    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-        sample, stats = _preview_images(cfg, splits, device), NORMALIZATION[cfg.data.dataset]
-        view1, view2 = views(sample)
-        log.tb.add_image("augment/original", preview_grid(eval_transform(sample), *stats), 0)
-        log.tb.add_image("augment/view1", preview_grid(view1, *stats), 0)
-        log.tb.add_image("augment/view2", preview_grid(view2, *stats), 0)
 
 
 # ----------------------------------------------------------------------------- kNN monitor
@@ -301,7 +113,7 @@ def train(cfg: Config, resume: bool | str | Path = False, progress_bar: bool | N
         raise ConfigError(f"optim.batch_size={cfg.optim.batch_size} must be divisible by the "
                           f"{world} processes (it is the global batch)")
     with backends(device, cfg.deterministic):
-        run = _open_run(cfg, resume)
+        run = open_run_dir(cfg, resume)
         try:
             return _train(cfg, device, run, progress_bar, max_epochs)
         except torch.cuda.OutOfMemoryError:
@@ -327,7 +139,7 @@ def _train(cfg: Config, device: torch.device, run: RunDir, progress_bar: bool | 
     rank, world, main = dist.rank(), dist.world_size(), dist.is_main()
     for note in run.notes:
         say(note)
-    ckpt, changes = _read_resume(run, cfg, world) if run.resume_from is not None else (None, {})
+    ckpt, changes = read_resume(run, cfg, world) if run.resume_from is not None else (None, {})
     if ckpt is not None and ckpt["epoch"] >= cfg.optim.epochs:
         # Nothing to train, so nothing is written: the run's files stay as it left them.
         say(f"run already finished at epoch {ckpt['epoch']}; nothing to do")
@@ -342,7 +154,7 @@ def _train(cfg: Config, device: torch.device, run: RunDir, progress_bar: bool | 
         raise ConfigError(f"optim.batch_size={cfg.optim.batch_size} is larger than the "
                           f"{len(splits.pretrain.labels)} training images; lower it or use more "
                           "data")
-    loader, views, eval_transform, (bank, test) = _data_pipeline(cfg, splits, device, rank, world)
+    loader, views, eval_transform, (bank, test) = data_pipeline(cfg, splits, device, rank, world)
 
     # -- model, objective, optimizer -------------------------------------------------------
     core = build_model(cfg, device)
@@ -388,7 +200,7 @@ def _train(cfg: Config, device: torch.device, run: RunDir, progress_bar: bool | 
     log = Logger(run, step if ckpt is not None else None) if main else None
     t = _Training(cfg=cfg, device=device, run=run, model=model, core=core,
                   optimizer=optimizer, scaler=scaler, loader=loader, views=views, log=log,
-                  saver=Checkpoints(run, cfg, core, optimizer, scaler, loader, steps_per_epoch,
+                  saver=SavePolicy(run, cfg, core, optimizer, scaler, loader, steps_per_epoch,
                                     device),
                   steps_per_epoch=steps_per_epoch, total_steps=total_steps,
                   warmup_steps=warmup_steps, t_start=t_start,
@@ -405,7 +217,7 @@ def _train(cfg: Config, device: torch.device, run: RunDir, progress_bar: bool | 
                                                                  start_epoch + max_epochs)
     try:
         if ckpt is None and log is not None:
-            _log_previews(log, cfg, splits, views, eval_transform, device)
+            log_previews(log, cfg, splits, views, eval_transform, device)
         with StopRequests() as stops:
             for epoch in range(start_epoch, end_epoch):
                 done = _train_epoch(t, epoch, stops)
@@ -442,7 +254,7 @@ class _Training:
     loader: object
     views: torch.nn.Module
     log: Logger | None
-    saver: Checkpoints
+    saver: SavePolicy
     steps_per_epoch: int
     total_steps: int
     warmup_steps: int
@@ -473,7 +285,7 @@ def _train_epoch(t: _Training, epoch: int, stops: StopRequests) -> _EpochDone:
     t.loader.set_epoch(epoch, start=first)
     timer = EpochTimer(t.device)
     t_log, n_log = timer.start, 0
-    bar = _bar(t.steps_per_epoch, epoch, cfg.optim.epochs, t.show_bar, first)
+    bar = epoch_bar(t.steps_per_epoch, epoch, cfg.optim.epochs, t.show_bar, first)
     lines = None if bar is not None else ProgressLines(epoch, cfg.optim.epochs,
                                                        t.steps_per_epoch, first)
     for i, (*images, _) in enumerate(t.loader, start=first):
@@ -503,9 +315,9 @@ def _train_epoch(t: _Training, epoch: int, stops: StopRequests) -> _EpochDone:
         if bar is not None:
             bar.update(1)
         if log_now:
-            _check_finite(t.nonfinite, t.step, t.run, cfg.optim)
+            check_finite(t.nonfinite, t.step, t.run, cfg.optim)
             now = time.perf_counter()
-            values = _step_scalars(terms, lr, world * n_log / max(now - t_log, 1e-9))
+            values = step_scalars(terms, lr, world * n_log / max(now - t_log, 1e-9))
             if t.scaler.is_enabled():
                 values["perf/loss_scale"] = t.scaler.get_scale()
                 values["perf/skipped_steps"] = t.skipped
@@ -568,70 +380,6 @@ def _end_epoch(t: _Training, epoch: int, done: _EpochDone, stops: StopRequests,
         raise Preempted(t.saver.stopped_message(stop, t.step))
 
 
-class Checkpoints:
-    """When and what to write. last.pt at every epoch end and, within an epoch, every
-    `ckpt_every_steps` steps and every `ckpt_every_minutes` minutes, and when a stop signal
-    came; the checkpoint it replaces stays as prev.pt; epochNNNN.pt every `ckpt_every`
-    epochs. With several processes the time and signal decisions are agreed (a MAX
-    all-reduce) every AGREE_EVERY steps, so all ranks checkpoint and stop at the same step
-    without a host sync on every step."""
-
-    AGREE_EVERY = 10
-
-    def __init__(self, run: RunDir, cfg: Config, core, optimizer, scaler, loader,
-                 steps_per_epoch: int, device: torch.device):
-        self.run, self.cfg, self.core, self.optimizer = run, cfg, core, optimizer
-        self.scaler, self.loader, self.steps_per_epoch = scaler, loader, steps_per_epoch
-        self.device, self.last_write = device, time.monotonic()
-        # A resume's config changes and the step they apply from: appended to changes.jsonl
-        # with the first checkpoint that holds them (an attempt that fails first left none).
-        self.changes: tuple[int, dict] | None = None
-
-    def due(self, step: int, signal_name: str | None, epoch_end: bool = False
-            ) -> tuple[bool, str | None]:
-        """(write last.pt now, the stop signal's name or None) after `step` steps."""
-        every_s = self.cfg.ckpt_every_minutes * 60
-        timed = bool(every_s) and time.monotonic() - self.last_write >= every_s
-        stop = signal_name is not None
-        if dist.world_size() > 1:
-            if not epoch_end and step % self.AGREE_EVERY:
-                timed = stop = False
-            else:
-                timed, stop = dist.any_rank([timed, stop], self.device)
-                signal_name = signal_name or "a stop signal (on another rank)"
-        by_steps = bool(self.cfg.ckpt_every_steps) and step % self.cfg.ckpt_every_steps == 0
-        return by_steps or timed, (signal_name if stop else None)
-
-    def save(self, step: int, result: dict, skipped: int, nonfinite: torch.Tensor,
-             snapshot: bool = False) -> None:
-        """Write last.pt (and epochNNNN.pt when `snapshot`), unless a loss since the last
-        check (`nonfinite`) or a weight is NaN/inf: then stop, the last good file kept."""
-        _check_finite(nonfinite | ~_weights_finite(self.core), step, self.run, self.cfg.optim)
-        rng_states = dist.gather_objects(rng_state())
-        if dist.is_main():
-            state = training_state(config_mod.to_dict(self.cfg), step, self.steps_per_epoch,
-                                   self.core, self.optimizer, self.scaler, self.loader,
-                                   rng_states, result, skipped)
-            save_rotated(state, self.run.last, self.run.prev)
-            if self.changes is not None:
-                record_changes(self.run.root, *self.changes)
-                self.changes = None
-            if snapshot:  # the same bytes: a link, not a second write
-                link_atomically(self.run.last,
-                                self.run.root / f"epoch{state['epoch']:04d}.pt")
-        self.last_write = time.monotonic()
-        dist.barrier()
-
-    def stopped_message(self, signal_name: str, step: int) -> str:
-        # Counted as the progress lines count: epochs and batches from 1.
-        epoch, batch = divmod(step, self.steps_per_epoch)
-        epochs = self.cfg.optim.epochs
-        where = (f"epoch {epoch + 1}/{epochs}, batch {batch}/{self.steps_per_epoch}" if batch
-                 else f"end of epoch {epoch}/{epochs}")
-        return (f"stopped by {signal_name} at step {step} ({where}); checkpoint written to "
-                f"'{self.run.last}'; continue with the same command and --resume")
-
-
 def _wrap_distributed(model: torch.nn.Module, cfg: Config, device: torch.device):
     """DDP across processes (gradient all-reduce) with SyncBN for SimCLR on GPUs, whose
     BatchNorm should see the global batch (torch's SyncBN is GPU-only: CPU processes keep
@@ -648,94 +396,3 @@ def _wrap_distributed(model: torch.nn.Module, cfg: Config, device: torch.device)
         warnings.filterwarnings("ignore", message=".*broadcast_buffers.*", category=FutureWarning)
         return torch.nn.parallel.DistributedDataParallel(model, device_ids=ids,
                                                          broadcast_buffers=False)
-
-
-def _check_finite(flag: torch.Tensor, step: int, run: RunDir, optim) -> None:
-    """Stop (exit 2) when a loss since the last check was NaN/inf, before that state could
-    reach a checkpoint. Every rank takes the same decision, or the others would hang."""
-    if not bool(dist.all_reduce_mean(flag.float()) > 0):
-        return
-    # The advice starts from the values that just diverged (a resume may have changed them).
-    clip = (f"a tighter optim.grad_clip={optim.grad_clip / 2:g} (now {optim.grad_clip:g})"
-            if optim.grad_clip > 0 else "optim.grad_clip=3.0")
-    fix = f"a lower optim.lr (now {optim.lr:g}, e.g. {optim.lr / 2:g}) or {clip}"
-    if run.last.is_file():
-        raise UserError(f"the loss became NaN/inf at or before step {step}; the last good "
-                        f"checkpoint '{run.last}' is untouched: continue from it with --resume "
-                        f"and {fix} (both may change on resume)")
-    raise UserError(f"the loss became NaN/inf at or before step {step}, before the first "
-                    f"checkpoint; start the run again with {fix} (the run directory is "
-                    "reused, its logs kept under attempts/)")
-
-
-def _weights_finite(model: torch.nn.Module) -> torch.Tensor:
-    """Whether every weight is finite (a bool tensor): checked before each checkpoint, as
-    the step whose loss was still finite can be the one whose update overflowed."""
-    return torch.stack([torch.isfinite(p).all() for p in model.parameters()]).all()
-
-
-def _step_scalars(terms, lr: float, images_per_s: float) -> dict[str, float]:
-    """One host sync for every logged value of this step."""
-    names = [f"loss/{k}" for k in terms.losses] + [f"diag/{k}" for k in terms.diagnostics]
-    tensors = [*terms.losses.values(), *terms.diagnostics.values()]
-    values = torch.stack([v.detach().float().reshape(()) for v in tensors]).tolist()
-    out = dict(zip(names, values, strict=True))
-    out["lr"] = lr
-    out["perf/images_per_s"] = images_per_s
-    return out
-
-
-class EpochTimer:
-    """Seconds of one epoch: CUDA events on a GPU (the device's own clock, no extra host
-    sync until the epoch ends), the host clock elsewhere."""
-
-    def __init__(self, device: torch.device):
-        self.start = time.perf_counter()
-        self.events = None
-        if device.type == "cuda":
-            self.events = (torch.cuda.Event(enable_timing=True),
-                           torch.cuda.Event(enable_timing=True))
-            self.events[0].record()
-
-    def seconds(self) -> float:
-        if self.events is None:
-            return time.perf_counter() - self.start
-        self.events[1].record()
-        self.events[1].synchronize()
-        return self.events[0].elapsed_time(self.events[1]) / 1000.0
-
-
-class ProgressLines:
-    """Progress lines for logs (stderr not a terminal, so no progress bar): at a logging step,
-    print step, loss, images/s and ETAs when at least `every_s` seconds passed since the last
-    line, i.e. every `log_every` steps or every ~30 s, whichever comes later."""
-
-    def __init__(self, epoch: int, epochs: int, steps_per_epoch: int, first: int = 0,
-                 every_s: float = 30.0):
-        self.epoch, self.epochs, self.steps = epoch, epochs, steps_per_epoch
-        self.first = first  # batches of this epoch done before a resume
-        self.every_s = every_s
-        self.last = time.perf_counter()
-
-    def maybe_print(self, done: int, step: int, values: dict, elapsed: float,
-                    epochs_after: int) -> None:
-        now = time.perf_counter()
-        if now - self.last < self.every_s or done >= self.steps:
-            return  # the epoch line follows at the epoch's last step
-        self.last = now
-        per_step = elapsed / max(done - self.first, 1)
-        epoch_left = per_step * (self.steps - done)
-        run_left = epoch_left + per_step * self.steps * epochs_after
-        say(f"  epoch {self.epoch + 1}/{self.epochs}  step {done}/{self.steps} "
-            f"(global {step})  loss {values['loss/total']:.4f}  "
-            f"{values['perf/images_per_s']:.0f} img/s  ETA epoch {epoch_left / 60:.1f} min, "
-            f"run {run_left / 60:.1f} min")
-
-
-def _bar(total: int, epoch: int, epochs: int, show: bool, done: int = 0):
-    if not show:
-        return None
-    from tqdm import tqdm
-
-    return tqdm(total=total, initial=done, desc=f"epoch {epoch + 1}/{epochs}", unit="step",
-                leave=False, dynamic_ncols=True)

@@ -10,9 +10,10 @@ import pytest
 import torch
 from helpers import run_cli, small_cfg
 
-from ssl_sec.engine import _check_finite, train
+from ssl_sec.engine import train
 from ssl_sec.errors import UserError
 from ssl_sec.run_dir import RunDir
+from ssl_sec.save_policy import check_finite
 
 RUN = ["optim.epochs=2", "eval.knn_every=0", "optim.lr=0.1"]
 
@@ -78,5 +79,5 @@ def test_nan_advice_starts_from_the_values_that_diverged(tmp_path, clip, advice)
     (tmp_path / "last.pt").write_bytes(b"")
     optim = from_dict({}, [f"optim.grad_clip={clip}", "optim.lr=0.4"]).optim
     with pytest.raises(UserError) as stop:
-        _check_finite(torch.ones((), dtype=torch.bool), 7, RunDir(tmp_path), optim)
+        check_finite(torch.ones((), dtype=torch.bool), 7, RunDir(tmp_path), optim)
     assert advice in str(stop.value) and "optim.lr (now 0.4, e.g. 0.2)" in str(stop.value)

@@ -124,10 +124,10 @@ def stl10_folders(tmp_path_factory):
 @pytest.fixture
 def used(monkeypatch) -> list[dict]:
     """What the engine really trained with, one entry per `train` call: its loader (kind,
-    workers, decode) and its two views. (A wrapper around engine._data_pipeline, the one
+    workers, decode) and its two views. (A wrapper around engine.data_pipeline, the one
     place that builds both: checks against the objects in use, not the recipe text.)"""
     seen: list[dict] = []
-    real = engine._data_pipeline
+    real = engine.data_pipeline
 
     def spy(*args, **kwargs):
         out = real(*args, **kwargs)
@@ -139,7 +139,7 @@ def used(monkeypatch) -> list[dict]:
                      "decode_on_device": streamed and loader.on_device})
         return out
 
-    monkeypatch.setattr(engine, "_data_pipeline", spy)
+    monkeypatch.setattr(engine, "data_pipeline", spy)
     return seen
 
 
