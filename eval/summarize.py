@@ -467,6 +467,13 @@ def main() -> None:
         out += ["", "Two epochs over 10,000 images is far from convergence: these rank the "
                 "objectives early in training only.", ""]
 
+    # The SEC ablation's section is written by eval/ablation.py report (from
+    # eval/results/ablation/); it is kept as it is.
+    previous = (RESULTS.parent / "RESULTS.md")
+    kept = re.search(r"<!-- ablation:begin -->\n.*?<!-- ablation:end -->",
+                     previous.read_text() if previous.is_file() else "", re.S)
+    if kept:
+        out += [kept.group(0), ""]
     (RESULTS.parent / "RESULTS.md").write_text("\n".join(out))
     print("wrote eval/RESULTS.md")
 
