@@ -153,3 +153,19 @@ def test_diagnostics_values():
     assert d["neg_sim"].item() == pytest.approx(0.0)
     assert d["contrastive_top1"].item() == pytest.approx(100.0)
     assert d["norm_cv"].item() == pytest.approx(0.0, abs=1e-6)
+
+
+def test_the_documented_info_nce_is_what_training_computes():
+    """README: `info_nce(z1, z2, T)` is the value and gradient SimCLR's objective trains on."""
+    g = torch.Generator().manual_seed(7)
+    z1, z2 = torch.randn(16, 8, generator=g), torch.randn(16, 8, generator=g)
+    a1, a2 = z1.clone().requires_grad_(), z2.clone().requires_grad_()
+    documented = info_nce(a1, a2, 0.3)
+    documented.backward()
+    b1, b2 = z1.clone().requires_grad_(), z2.clone().requires_grad_()
+    z = torch.cat([b1, b2])
+    terms = Objective(_loss(infonce={"temperature": 0.3}))(pairwise_similarities(b1, b2), z, z,
+                                                           0.0, diagnostics=False)
+    terms.losses["total"].backward()
+    assert torch.equal(terms.losses["infonce"], documented.detach())
+    assert torch.equal(a1.grad, b1.grad) and torch.equal(a2.grad, b2.grad)
