@@ -13,6 +13,8 @@ from typing import TYPE_CHECKING, ClassVar, Protocol
 import torch
 from torch import nn
 
+from ..objective import need_matrix_term
+
 if TYPE_CHECKING:
     from ..config import Need
     from ..models import Encoder
@@ -50,3 +52,23 @@ class Method(Protocol):
     def after_step(self, progress: float) -> None:
         """Called by the loop after each optimizer step that was taken (momentum encoder,
         queue); never inside the autograd graph."""
+
+
+class ContrastiveMethod(nn.Module):
+    """What the contrastive methods share: the evaluated backbone is the online encoder's,
+    the objective needs a matrix term, and by default nothing happens after the step."""
+
+    sync_bn: ClassVar[bool] = True
+    Options: ClassVar[type | None] = None
+    encoder: Encoder
+
+    @property
+    def backbone(self) -> nn.Module:
+        return self.encoder.backbone
+
+    @staticmethod
+    def check_config(cfg: Config, need: Need) -> None:
+        need_matrix_term(cfg.loss, need)
+
+    def after_step(self, progress: float) -> None:
+        """No momentum encoder or queue: nothing to update after the optimizer step."""

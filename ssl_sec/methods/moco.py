@@ -11,14 +11,14 @@ from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 from ..config import Need
 from ..distributed import gather
 from ..losses import Similarities, queue_similarities
 from ..models import Encoder, convert_split_bn, ema_update, mlp, momentum_copy
-from ..objective import Objective, Terms, need_matrix_term
+from ..objective import Objective, Terms
 from ..schedules import momentum_at
+from .base import ContrastiveMethod
 
 if TYPE_CHECKING:
     from ..recipe import Config
@@ -45,7 +45,7 @@ class MocoOptions:
         need(self.bn_splits >= 1, "bn_splits", self.bn_splits, ">= 1")
 
 
-class MoCo(nn.Module):
+class MoCo(ContrastiveMethod):
     """A `Method` (ssl_sec/methods/base.py)."""
 
     sync_bn = False  # per-process split-BN is MoCo's remedy for the BN leak
@@ -70,13 +70,9 @@ class MoCo(nn.Module):
         self.register_buffer("queue_len", torch.zeros((), dtype=torch.long))
         self._pending_keys: torch.Tensor | None = None
 
-    @property
-    def backbone(self) -> nn.Module:
-        return self.encoder.backbone
-
     @staticmethod
     def check_config(cfg: Config, need: Need) -> None:
-        need_matrix_term(cfg.loss, need)
+        ContrastiveMethod.check_config(cfg, need)
         if cfg.moco.bn_remedy == "split":
             need(cfg.optim.batch_size % cfg.moco.bn_splits == 0, "moco.bn_splits",
                  cfg.moco.bn_splits, f"a divisor of optim.batch_size={cfg.optim.batch_size} "

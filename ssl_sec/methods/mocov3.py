@@ -22,14 +22,14 @@ from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 from ..config import Need
 from ..distributed import gather, rank
 from ..losses import Similarities
 from ..models import Encoder, ema_update, mlp, momentum_copy
-from ..objective import Objective, Terms, need_matrix_term
+from ..objective import Objective, Terms
 from ..schedules import momentum_at
+from .base import ContrastiveMethod
 
 if TYPE_CHECKING:
     from ..recipe import Config
@@ -64,7 +64,7 @@ def key_similarities(q1: torch.Tensor, q2: torch.Tensor, k1: torch.Tensor, k2: t
     return Similarities(sim, pos=torch.cat([local, local]))
 
 
-class MoCoV3(nn.Module):
+class MoCoV3(ContrastiveMethod):
     """A `Method` (ssl_sec/methods/base.py)."""
 
     sync_bn = True  # BN of the heads over the global batch, as the paper's SyncBN
@@ -83,14 +83,6 @@ class MoCoV3(nn.Module):
                              bias=False)
         self.momentum_encoder = momentum_copy(self.encoder)
         self.objective = Objective(cfg.loss)
-
-    @property
-    def backbone(self) -> nn.Module:
-        return self.encoder.backbone
-
-    @staticmethod
-    def check_config(cfg: Config, need: Need) -> None:
-        need_matrix_term(cfg.loss, need)
 
     def forward(self, v1: torch.Tensor, v2: torch.Tensor, progress: float,
                 diagnostics: bool = True) -> Terms:

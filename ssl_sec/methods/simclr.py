@@ -5,22 +5,19 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 import torch
-from torch import nn
 
 from ..losses import pairwise_similarities
 from ..models import Encoder, mlp
-from ..objective import Objective, Terms, need_matrix_term
+from ..objective import Objective, Terms
+from .base import ContrastiveMethod
 
 if TYPE_CHECKING:
-    from ..config import Need
     from ..recipe import Config
 
 
-class SimCLR(nn.Module):
-    """A `Method` (ssl_sec/methods/base.py)."""
-
-    sync_bn = True  # BN over the global batch, as SimCLR's global BN
-    Options = None  # no section of its own
+class SimCLR(ContrastiveMethod):
+    """A `Method` (ssl_sec/methods/base.py). BN over the global batch (sync_bn), as SimCLR's
+    global BN; no options of its own; nothing to update after the step."""
 
     def __init__(self, cfg: Config):
         super().__init__()
@@ -30,10 +27,6 @@ class SimCLR(nn.Module):
                                                 last_bn=True), image_size=cfg.augment.size)
         self.objective = Objective(cfg.loss)
 
-    @property
-    def backbone(self) -> nn.Module:
-        return self.encoder.backbone
-
     def forward(self, v1: torch.Tensor, v2: torch.Tensor, progress: float,
                 diagnostics: bool = True) -> Terms:
         """v1, v2: augmented views (N,3,h,w); progress: fraction of the run done, in [0, 1]."""
@@ -42,10 +35,3 @@ class SimCLR(nn.Module):
         h, z = self.encoder(torch.cat([v1, v2]))
         z1, z2 = z.chunk(2)
         return self.objective(pairwise_similarities(z1, z2), z, h, progress, diagnostics)
-
-    @staticmethod
-    def check_config(cfg: Config, need: Need) -> None:
-        need_matrix_term(cfg.loss, need)
-
-    def after_step(self, progress: float) -> None:
-        """SimCLR has no momentum encoder or queue: nothing to update after the optimizer."""
