@@ -14,7 +14,7 @@ Evaluation: `ssl_sec.evaluation` (knn_classify, extract_features, probe_on_featu
 
 from __future__ import annotations
 
-import importlib
+from .lazy import lazy_exports
 
 __version__ = "0.2.0"
 
@@ -27,6 +27,7 @@ _EXPORTS = {
     "export_backbone": "pretrained",
     "knn_classify": "evaluation.knn",
     "knn_accuracy": "evaluation.knn",
+    "topk_accuracy": "evaluation.knn",
     "extract_features": "evaluation.features",
     "probe_on_features": "evaluation.linear",
     "EvalTransform": "augment",
@@ -37,12 +38,7 @@ _EXPORTS = {
 __all__ = ["__version__", *_EXPORTS]
 
 
-def __getattr__(name: str):
-    if name in _EXPORTS:
-        value = getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module 'ssl_sec' has no attribute {name!r}")
+__getattr__ = lazy_exports(__name__, _EXPORTS)
 
 
 def __dir__() -> list[str]:

@@ -36,6 +36,7 @@ import math
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -50,6 +51,9 @@ from torch import nn
 
 from ssl_sec.data.crops import centre_fallback
 from ssl_sec.errors import ConfigError
+
+if TYPE_CHECKING:
+    from ssl_sec.config import AugmentConfig
 
 __all__ = [
     "ViewAugment",
@@ -377,6 +381,17 @@ class ViewAugment(nn.Module):
 
     Shape: ``(B, 3, H, W)`` uint8 -> ``(B, 3, size, size)`` float32, channels_last, same device.
     """
+
+    @classmethod
+    def from_config(cls, a: AugmentConfig, mean: Sequence[float], std: Sequence[float],
+                    crop: bool = True) -> ViewAugment:
+        """One view's augmentation from its recipe section (checked when the recipe loaded);
+        mean, std: the dataset's normalisation."""
+        return cls(size=a.size, crop_scale=tuple(a.crop_scale), crop_ratio=tuple(a.crop_ratio),
+                   hflip_p=a.hflip_p, jitter_p=a.jitter_p, brightness=a.brightness,
+                   contrast=a.contrast, saturation=a.saturation, hue=a.hue, gray_p=a.gray_p,
+                   blur_p=a.blur_p, blur_sigma=tuple(a.blur_sigma), solarize_p=a.solarize_p,
+                   mean=mean, std=std, crop=crop)
 
     def __init__(
         self,

@@ -27,7 +27,7 @@ from .evaluation.features import Labelled, labelled_features
 from .evaluation.knn import knn_evaluate
 from .methods import build_model
 from .optim import build_optimizer, set_lr
-from .pipeline import build_augment, data_pipeline, log_previews, view_augment  # noqa: F401
+from .pipeline import build_augment, data_pipeline, log_previews  # noqa: F401 - re-exported
 from .preemption import Preempted, StopRequests
 from .progress import EpochTimer, Logger, ProgressLines, epoch_bar, say, step_scalars
 from .provenance import CONFIG

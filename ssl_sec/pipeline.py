@@ -9,7 +9,6 @@ from typing import TYPE_CHECKING
 import torch
 
 from .augment import EvalTransform, TwoViews, ViewAugment, preview_grid
-from .config import AugmentConfig
 from .data import NORMALIZATION, DeviceLoader
 from .data.crops import read_centre
 from .data.stream import BytesStream, CropStream, StreamLoader, eval_resize_for
@@ -20,23 +19,14 @@ if TYPE_CHECKING:
     from .recipe import Config
 
 
-def view_augment(a: AugmentConfig, dataset: str, crop: bool = True) -> ViewAugment:
-    """One view's augmentation from its recipe section."""
-    mean, std = NORMALIZATION[dataset]
-    return ViewAugment(size=a.size, crop_scale=tuple(a.crop_scale), crop_ratio=tuple(a.crop_ratio),
-                       hflip_p=a.hflip_p, jitter_p=a.jitter_p, brightness=a.brightness,
-                       contrast=a.contrast, saturation=a.saturation, hue=a.hue, gray_p=a.gray_p,
-                       blur_p=a.blur_p, blur_sigma=tuple(a.blur_sigma),
-                       solarize_p=a.solarize_p, mean=mean, std=std, crop=crop)
-
-
 def build_augment(cfg: Config, device: torch.device, crop: bool = True
                   ) -> tuple[TwoViews, EvalTransform]:
     """The two views (`augment`, and `augment2` when the views differ) and the eval view.
     crop=False: the loader delivers each view's crop (streaming), the views start at the flip."""
-    first = view_augment(cfg.augment, cfg.data.dataset, crop)
-    second = None if cfg.augment2 is None else view_augment(cfg.augment2, cfg.data.dataset, crop)
     mean, std = NORMALIZATION[cfg.data.dataset]
+    first = ViewAugment.from_config(cfg.augment, mean, std, crop)
+    second = (None if cfg.augment2 is None
+              else ViewAugment.from_config(cfg.augment2, mean, std, crop))
     eval_view = EvalTransform(size=cfg.augment.size, mean=mean, std=std)
     return TwoViews(first, second).to(device), eval_view.to(device)
 

@@ -6,18 +6,14 @@ the recipe schema, the commands above it (they open checkpoints with their confi
 eager import here would tie the two layers into a circle.
 """
 
-import importlib
+from ..lazy import lazy_exports
 
 _EXPORTS = {"extract_features": "features", "knn_accuracy": "knn", "knn_classify": "knn",
+            "topk_accuracy": "knn",
             "knn_evaluate": "knn", "kshot_evaluate": "kshot", "norm_statistics": "norms",
             "probe_on_features": "linear"}
 
 __all__ = list(_EXPORTS)
 
 
-def __getattr__(name: str):
-    if name in _EXPORTS:
-        value = getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module 'ssl_sec.evaluation' has no attribute {name!r}")
+__getattr__ = lazy_exports(__name__, _EXPORTS)

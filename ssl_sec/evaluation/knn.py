@@ -84,7 +84,7 @@ def knn_classify(
 
     Returns:
         Class scores, shape ``(Q, C)``, float32, on the device of ``test_feats``.
-        ``scores.argmax(1)`` is the top-1 prediction; see :func:`knn_accuracy`.
+        ``scores.argmax(1)`` is the top-1 prediction; see :func:`topk_accuracy`.
 
     Raises:
         ConfigError: on an invalid argument, a shape or dtype mismatch, a label out of range,
@@ -144,11 +144,12 @@ def vote_scores(
     return scores.scatter_add_(1, neighbour_labels, weights)
 
 
-def knn_accuracy(scores: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
-    """Top-1 and top-5 accuracy in percent from class scores.
+def topk_accuracy(scores: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
+    """Top-1 and top-5 accuracy in percent from class scores: the kNN vote's, the linear
+    probe's logits, any classifier's.
 
     Args:
-        scores: shape ``(Q, C)``, e.g. from :func:`knn_classify`.
+        scores: shape ``(Q, C)``, e.g. from :func:`knn_classify` or a linear head.
         labels: true labels, shape ``(Q,)``, integer dtype.
 
     Returns:
@@ -157,16 +158,16 @@ def knn_accuracy(scores: torch.Tensor, labels: torch.Tensor) -> dict[str, float]
     """
     if scores.ndim != 2:
         raise ConfigError(
-            f"knn_accuracy: scores must be 2-D (Q, C), got shape {tuple(scores.shape)}"
+            f"topk_accuracy: scores must be 2-D (Q, C), got shape {tuple(scores.shape)}"
         )
     if labels.ndim != 1 or labels.shape[0] != scores.shape[0]:
         raise ConfigError(
-            f"knn_accuracy: labels must have shape ({scores.shape[0]},), got {tuple(labels.shape)}"
+            f"topk_accuracy: labels must have shape ({scores.shape[0]},), got {tuple(labels.shape)}"
         )
     if not _is_int_tensor(labels):
-        raise ConfigError(f"knn_accuracy: labels must be an integer tensor, got {labels.dtype}")
+        raise ConfigError(f"topk_accuracy: labels must be an integer tensor, got {labels.dtype}")
     if scores.shape[0] == 0:
-        raise ConfigError("knn_accuracy: no queries (Q = 0)")
+        raise ConfigError("topk_accuracy: no queries (Q = 0)")
     labels = labels.to(scores.device)
     top = scores.topk(min(5, scores.shape[1]), dim=1).indices
     hits = top == labels[:, None]
@@ -174,6 +175,10 @@ def knn_accuracy(scores: torch.Tensor, labels: torch.Tensor) -> dict[str, float]
         "top1": hits[:, 0].float().mean().item() * 100.0,
         "top5": hits.any(dim=1).float().mean().item() * 100.0,
     }
+
+
+# The name before it also scored the linear probe (ssl_sec 0.2); kept for callers.
+knn_accuracy = topk_accuracy
 
 
 # --- backends --------------------------------------------------------------------------------
@@ -393,4 +398,4 @@ def knn_evaluate(train_feats: torch.Tensor, train_labels: torch.Tensor,
     scores = knn_classify(train_feats, train_labels, test_feats, k=k,
                           temperature=eval_cfg.knn_temperature, num_classes=num_classes,
                           backend=eval_cfg.knn_backend, memory_mb=eval_cfg.knn_memory_mb)
-    return {**knn_accuracy(scores, test_labels), "k": k}
+    return {**topk_accuracy(scores, test_labels), "k": k}

@@ -38,7 +38,7 @@ from ..errors import ConfigError
 from ..optim import set_lr
 from ..runtime import autocast_for
 from ..schedules import lr_at, step_decay
-from .knn import knn_accuracy
+from .knn import topk_accuracy
 from .session import EvalSession
 
 if TYPE_CHECKING:
@@ -97,7 +97,7 @@ def evaluate_head(head: nn.Module, feats: torch.Tensor, labels: torch.Tensor,
                   batch_size: int = 8192) -> dict[str, float]:
     head.eval()
     logits = torch.cat([head(feats[i:i + batch_size]) for i in range(0, feats.shape[0], batch_size)])
-    return knn_accuracy(logits.float(), labels)
+    return topk_accuracy(logits.float(), labels)
 
 
 def train_head(head: nn.Linear, batches: Batches, steps_per_epoch: int,

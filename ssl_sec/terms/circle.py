@@ -6,10 +6,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from torch import nn
 
 from ..config import Need
 from ..losses import Similarities, circle_from
+from .base import Term
 
 
 @dataclass
@@ -29,15 +29,11 @@ class CircleOptions:
         return self.weight
 
 
-class Circle(nn.Module):
+class Circle(Term):
     """A matrix term, fused with InfoNCE on the objective's fast path."""
 
     Options = CircleOptions
     reads = "similarities"
-
-    def __init__(self, options: CircleOptions):
-        super().__init__()
-        self.options = options
 
     def forward(self, s: Similarities) -> torch.Tensor:
         """s: sim (R, C) -> scalar, the mean over the R anchors."""

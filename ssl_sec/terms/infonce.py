@@ -6,10 +6,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from torch import nn
 
 from ..config import Need
 from ..losses import Similarities, info_nce_from
+from .base import Term
 
 
 @dataclass
@@ -25,16 +25,12 @@ class InfoNCEOptions:
         return self.weight
 
 
-class InfoNCE(nn.Module):
+class InfoNCE(Term):
     """A matrix term. The objective's fast path computes it fused with Circle
     (`losses.contrastive_losses`); this forward is the same value on its own."""
 
     Options = InfoNCEOptions
     reads = "similarities"
-
-    def __init__(self, options: InfoNCEOptions):
-        super().__init__()
-        self.options = options
 
     def forward(self, s: Similarities) -> torch.Tensor:
         """s: sim (R, C) -> scalar, the mean over the R anchors."""

@@ -9,12 +9,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from torch import nn
 
 from ..config import Need
 from ..distributed import all_reduce_mean
 from ..losses import sec_loss
 from ..schedules import sec_weight
+from .base import Term
 
 
 @dataclass
@@ -41,7 +41,7 @@ class SECOptions:
         return sec_weight(self.eta, self.ramp, progress)
 
 
-class SEC(nn.Module):
+class SEC(Term):
     """An embedding term. Its one piece of state is mu's running mean (`mu: ema`): a
     registered buffer, so it is checkpointed with the model and restored on resume."""
 
@@ -49,8 +49,7 @@ class SEC(nn.Module):
     reads = "embeddings"
 
     def __init__(self, options: SECOptions):
-        super().__init__()
-        self.options = options
+        super().__init__(options)
         # 0 = not started (a mean norm is > 0). Not NaN: two identical runs' checkpoints
         # must compare equal tensor by tensor, and NaN != NaN.
         self.register_buffer("mu", torch.tensor(0.0))

@@ -14,9 +14,9 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 from ..config import Need
+from .base import Term
 
 
 def uniformity_loss(z: torch.Tensor, t: float = 2.0) -> torch.Tensor:
@@ -49,16 +49,12 @@ class UniformityOptions:
         return self.weight
 
 
-class Uniformity(nn.Module):
+class Uniformity(Term):
     """An embedding term; this rank's embeddings only under DDP (a pair potential over the
     local batch, as the paper's code)."""
 
     Options = UniformityOptions
     reads = "embeddings"
-
-    def __init__(self, options: UniformityOptions):
-        super().__init__()
-        self.options = options
 
     def forward(self, e: torch.Tensor, norms: torch.Tensor | None = None) -> torch.Tensor:
         return uniformity_loss(e, self.options.t)
