@@ -21,6 +21,15 @@
    warm-up that drains the batches the workers prefetched, median of `--lightly-trials`
    runs, and the same loader alone (no model) to show what bounds it.
 
+6. The same-GPU pipeline a competent user would write with Kornia: the uint8 set on the GPU,
+   `kornia.augmentation.AugmentationSequential` making both views on the device, then the same
+   lightly head, loss and LARS step as 5.
+7. The fraction of the physical limit: the FLOPs of one training step counted by
+   `torch.utils.flop_counter.FlopCounterMode` (forward and backward of every matrix product
+   and convolution, the key encoder's forward for MoCo), the peak bf16 matmul rate this GPU
+   reaches (measured at startup on a large square matmul), and the achieved TFLOP/s and
+   fraction of that peak, per model step (step breakdown) and per epoch (pretraining).
+
 Targets (issue 8, H100/H200): <= 3 s per SimCLR epoch, kNN pass < 1 s, linear probe < 2 min,
 >= 3x the lightly pipeline's images/s. Writes eval/results/gpu_<gpu>.json and prints a table.
 On the CIFAR-10 subset of an offline GPU machine's data pack (scripts/gpu_pack.sh) every stage
@@ -33,6 +42,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import platform
 import statistics
 import sys
 import tempfile
@@ -43,7 +53,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import ROOT, gpu_slug, run_training, write_result  # noqa: E402
+from common import ROOT, cpu_model, gpu_slug, run_training, write_result  # noqa: E402
 
 from ssl_sec.data import NORMALIZATION, DeviceLoader, load_splits  # noqa: E402
 from ssl_sec.engine import (  # noqa: E402
@@ -63,7 +73,7 @@ from ssl_sec.runtime import backends, grad_scaler  # noqa: E402
 RECIPES = {"simclr": "recipes/cifar10/simclr.yaml", "moco": "recipes/cifar10/moco.yaml"}
 FULL_CIFAR10 = 50_000
 TARGETS = {"simclr_epoch_s": 3.0, "knn_pass_s": 1.0, "linear_probe_s": 120.0,
-           "ratio_vs_lightly": 3.0}
+           "ratio_vs_lightly": 3.0, "moco_over_simclr": 1.4}
 
 
 def parse_args() -> argparse.Namespace:
@@ -88,8 +98,8 @@ def parse_args() -> argparse.Namespace:
 
 
 # --smoke: overrides that make every stage tiny (a check of the script, not a measurement).
-SMOKE = ["data.train_subset=1024", "data.test_subset=500", "model.cifar_stem=false",
-         "optim.batch_size=256", "moco.bn_splits=4"]
+SMOKE = ["data.train_subset=256", "data.test_subset=200", "model.cifar_stem=false",
+         "optim.batch_size=64", "moco.bn_splits=4", "moco.queue_size=256"]
 EXTRA: list[str] = []  # the overrides every stage adds (SMOKE under --smoke)
 DEVICE = torch.device("cuda")
 
@@ -120,6 +130,52 @@ def _cuda_ms(fn, repeats: int = 1) -> float:
 def _sync() -> None:
     if DEVICE.type == "cuda":
         torch.cuda.synchronize()
+
+
+def host_cpu() -> str:
+    """The host CPU's model name (the lightly reference's figure depends on it)."""
+    return cpu_model() or platform.processor() or platform.machine()
+
+
+# ----------------------------------------------------------------------------- 7. the limit
+def peak_matmul_tflops(n: int | None = None, repeats: int = 20) -> dict:
+    """The bf16 matmul rate this device reaches: an n x n x n product (2 n^3 FLOPs), the
+    median of `repeats` after a warm-up. On the CPU (--smoke) a small fp32 one: a check of
+    the code path, not a peak."""
+    cuda = DEVICE.type == "cuda"
+    n = n or (8192 if cuda else 512)
+    dtype = torch.bfloat16 if cuda else torch.float32
+    a = torch.randn(n, n, device=DEVICE, dtype=dtype)
+    b = torch.randn(n, n, device=DEVICE, dtype=dtype)
+    for _ in range(3):
+        a @ b
+    ms = _cuda_ms(lambda: a @ b, repeats=repeats)
+    return {"n": n, "dtype": str(dtype).replace("torch.", ""), "ms": ms,
+            "tflops": 2 * n**3 / (ms / 1000) / 1e12}
+
+
+def step_flops(model: torch.nn.Module, views: tuple[torch.Tensor, torch.Tensor], cfg) -> float:
+    """FLOPs of one training step's forward and backward (matrix products and convolutions,
+    counted by FlopCounterMode; the optimizer's elementwise update is not counted), under the
+    recipe's autocast. The method's post-step update is not run."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from ssl_sec.runtime import autocast_for
+
+    counter = FlopCounterMode(display=False)
+    with counter:
+        with autocast_for(views[0].device, cfg.precision):
+            terms = model(*views, 0.5, False)
+        terms.losses["total"].backward()
+    model.zero_grad(set_to_none=True)
+    return float(counter.get_total_flops())
+
+
+def limit_fraction(flops: float, ms: float, peak: dict) -> dict:
+    achieved = flops / (ms / 1000) / 1e12
+    return {"tflop_per_step": flops / 1e12, "achieved_tflops": achieved,
+            "peak_tflops": peak["tflops"], "fraction_of_peak": achieved / peak["tflops"],
+            "ideal_ms_per_step": flops / (peak["tflops"] * 1e12) * 1000}
 
 
 # ----------------------------------------------------------------------------- 1. pretraining
@@ -154,7 +210,7 @@ def pretraining(epochs: int, out_dir: Path) -> dict:
 
 
 # ----------------------------------------------------------------------------- 2. step breakdown
-def step_breakdown(recipe: str, steps: int = 30) -> dict:
+def step_breakdown(recipe: str, peak: dict, steps: int = 30) -> dict:
     cfg = load_recipe(ROOT / recipe, [f"device={DEVICE}", *EXTRA])
     device = DEVICE
     train_set = load_splits(cfg.data).pretrain
@@ -191,8 +247,19 @@ def step_breakdown(recipe: str, steps: int = 30) -> dict:
             fn()
         ms = {name: _cuda_ms(fn, repeats=3) / steps
               for name, fn in (("views", views_only), ("model_step", model_only), ("full_step", full))}
+        flops = step_flops(model, ready, cfg)
     return {"recipe": recipe, "batch_size": cfg.optim.batch_size, "steps": steps,
-            "ms_per_step": ms, "augment_share_of_step": ms["views"] / ms["full_step"]}
+            "ms_per_step": ms, "augment_share_of_step": ms["views"] / ms["full_step"],
+            "limit_model_step": limit_fraction(flops, ms["model_step"], peak),
+            "limit_full_step": limit_fraction(flops, ms["full_step"], peak)}
+
+
+def epoch_limit(pre: dict, breakdown: dict, peak: dict) -> dict:
+    """The fraction of the peak over a whole epoch: counted FLOPs of its steps over its
+    measured seconds."""
+    flops = breakdown["limit_model_step"]["tflop_per_step"] * 1e12
+    steps = pre["images_per_epoch"] // pre["batch_size"]
+    return limit_fraction(flops * steps, pre["steady_epoch_seconds"] * 1000, peak)
 
 
 # ----------------------------------------------------------------------------- 3. kNN pass
@@ -239,7 +306,7 @@ def knn_pass(checkpoint: Path) -> dict:
 # ----------------------------------------------------------------------------- 4. linear probe
 def linear_probe(checkpoint: Path) -> dict:
     t0 = time.perf_counter()
-    smoke = ["optim.epochs=2", "data.train_subset=1024", "data.test_subset=500"] if EXTRA else []
+    smoke = ["optim.epochs=2", "data.train_subset=256", "data.test_subset=200"] if EXTRA else []
     result = linear_command(checkpoint, ROOT / "recipes/linear/fast.yaml",
                             [f"device={DEVICE}", *smoke], cache=False, verbose=False)
     return {"recipe": "recipes/linear/fast.yaml", "epochs": result["epochs"],
@@ -395,6 +462,54 @@ def lightly_trials(trials: int, steps: int, workers: int, warmup: int | None) ->
     return out
 
 
+# ----------------------------------------------------------------------------- 6. Kornia user
+def kornia_user_reference(steps: int, warmup: int = 5) -> dict:
+    """What a competent user writes with Kornia on the GPU: the uint8 CIFAR-10 set on the
+    device, per step a random batch, both views from one `AugmentationSequential` (the recipe's
+    crop, flip, jitter, grayscale, normalisation), then the lightly step of 5."""
+    import kornia.augmentation as K
+
+    from ssl_sec.data import load_cifar
+
+    cfg = load_recipe(ROOT / RECIPES["simclr"], EXTRA)
+    a = cfg.augment
+    images = load_cifar("cifar10", train=True).images
+    if cfg.data.train_subset:
+        images = images[: cfg.data.train_subset]
+    images = images.to(DEVICE)
+    mean, std = NORMALIZATION["cifar10"]
+    augment = K.AugmentationSequential(
+        K.RandomResizedCrop((a.size, a.size), scale=tuple(a.crop_scale),
+                            ratio=tuple(a.crop_ratio)),
+        K.RandomHorizontalFlip(p=a.hflip_p),
+        K.ColorJitter(a.brightness, a.contrast, a.saturation, a.hue, p=a.jitter_p),
+        K.RandomGrayscale(p=a.gray_p),
+        K.Normalize(mean=torch.tensor(mean), std=torch.tensor(std))).to(DEVICE)
+    step = lightly_step(cfg, DEVICE)
+    batch = cfg.optim.batch_size
+    generator = torch.Generator(device=DEVICE).manual_seed(0)
+
+    def one() -> None:
+        idx = torch.randint(0, images.shape[0], (batch,), device=DEVICE, generator=generator)
+        x = images[idx].float().div_(255)
+        step((augment(x), augment(x)))
+
+    with backends(DEVICE, deterministic=False):
+        for _ in range(warmup):
+            one()
+        _sync()
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            one()
+        _sync()
+    return {"batch_size": batch, "steps": steps, "images_per_s": steps * batch /
+            (time.perf_counter() - t0),
+            "pipeline": "uint8 set on the device, kornia.augmentation.AugmentationSequential "
+                        "(RandomResizedCrop, flip, ColorJitter, RandomGrayscale, Normalize) for "
+                        "each view, lightly SimCLRProjectionHead + NTXentLoss + LARS, bf16 "
+                        "autocast, channels_last"}
+
+
 # ----------------------------------------------------------------------------- report
 def junit_summary(path: str | None) -> dict | None:
     if not path or not Path(path).is_file():
@@ -445,7 +560,21 @@ def table(r: dict) -> str:
          f"{len(ly.get('images_per_s_trials', [0]))})", "-", "-"),
         ("ours / lightly images/s", f"{r['ratio_vs_lightly']:.2f}x", ">= 3x",
          ok(r["ratio_vs_lightly"] >= TARGETS["ratio_vs_lightly"])),
+        ("Kornia user's GPU pipeline", f"{r['kornia_user_reference']['images_per_s']:,.0f} img/s "
+         f"(ours {r['ratio_vs_kornia_user']:.2f}x)", "-", "-"),
+        ("MoCo epoch / SimCLR epoch", f"{r['moco_over_simclr_epoch']:.2f}x", "<= 1.4x",
+         ok(r["moco_over_simclr_epoch"] <= TARGETS["moco_over_simclr"])),
+        (f"peak matmul ({r['peak_matmul']['dtype']} {r['peak_matmul']['n']}^3)",
+         f"{r['peak_matmul']['tflops']:.1f} TFLOP/s", "-", "-"),
     ]
+    for method, key in (("SimCLR", "step_breakdown"), ("MoCo", "step_breakdown_moco")):
+        lim, ep = r[key]["limit_model_step"], r["epoch_limit"][method.lower()]
+        rows.append((f"{method}: counted FLOPs / step, achieved (model step | epoch)",
+                     f"{lim['tflop_per_step']:.2f} TFLOP, {lim['achieved_tflops']:.1f} | "
+                     f"{ep['achieved_tflops']:.1f} TFLOP/s", "-", "-"))
+        rows.append((f"{method}: fraction of the peak (model step | epoch)",
+                     f"{100 * lim['fraction_of_peak']:.1f}% | {100 * ep['fraction_of_peak']:.1f}%"
+                     f" (ideal step {lim['ideal_ms_per_step']:.1f} ms)", "-", "-"))
     widths = [max(len(row[i]) for row in rows) for i in range(4)]
     lines = ["| " + " | ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)) + " |"
              for row in rows]
@@ -474,24 +603,36 @@ def main() -> None:
                "cuda": torch.version.cuda, "cudnn": torch.backends.cudnn.version()}
     name = gpu["name"] if gpu else "cpu"
     print(f"bench_gpu: {name}, runs in {tmp}", flush=True)
-    result: dict = {"gpu": gpu,
+    result: dict = {"gpu": gpu, "host_cpu": host_cpu(), "host_cores": workers,
                     "settings": {"epochs": args.epochs, "lightly_steps": args.lightly_steps,
                                  "workers": workers, "precision": "bf16 autocast (recipe auto)",
                                  "smoke": args.smoke}}
-    stages = [("pretrain", lambda: pretraining(args.epochs, tmp)),
-              ("step_breakdown", lambda: step_breakdown(RECIPES["simclr"])),
+    stages = [("peak_matmul", peak_matmul_tflops),
+              ("pretrain", lambda: pretraining(args.epochs, tmp)),
+              ("step_breakdown", lambda: step_breakdown(RECIPES["simclr"],
+                                                        result["peak_matmul"])),
+              ("step_breakdown_moco", lambda: step_breakdown(RECIPES["moco"],
+                                                             result["peak_matmul"])),
               ("knn_pass", lambda: knn_pass(tmp / "simclr" / "last.pt")),
               ("linear_probe", lambda: linear_probe(tmp / "simclr" / "last.pt")),
               ("lightly_reference", lambda: lightly_trials(args.lightly_trials, args.lightly_steps,
-                                                           workers, 1 if args.smoke else None))]
+                                                           workers, 1 if args.smoke else None)),
+              ("kornia_user_reference", lambda: kornia_user_reference(
+                  args.lightly_steps, warmup=1 if args.smoke else 5))]
     for key, stage in stages:
         t0 = time.perf_counter()
         print(f"bench_gpu: {key} ...", flush=True)
         result[key] = stage()
         print(f"bench_gpu: {key} done in {time.perf_counter() - t0:.1f} s: "
               f"{json.dumps(result[key])[:300]}", flush=True)
-    result["ratio_vs_lightly"] = (result["pretrain"]["simclr"]["images_per_s"]
-                                  / result["lightly_reference"]["images_per_s"])
+    ours = result["pretrain"]["simclr"]["images_per_s"]
+    result["ratio_vs_lightly"] = ours / result["lightly_reference"]["images_per_s"]
+    result["ratio_vs_kornia_user"] = ours / result["kornia_user_reference"]["images_per_s"]
+    result["epoch_limit"] = {
+        method: epoch_limit(result["pretrain"][method], result[key], result["peak_matmul"])
+        for method, key in (("simclr", "step_breakdown"), ("moco", "step_breakdown_moco"))}
+    result["moco_over_simclr_epoch"] = (result["pretrain"]["moco"]["steady_epoch_seconds"]
+                                        / result["pretrain"]["simclr"]["steady_epoch_seconds"])
     result["tests"] = junit_summary(args.tests_junit)
     result["targets"] = TARGETS
     if not args.smoke:

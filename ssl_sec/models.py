@@ -62,15 +62,14 @@ def momentum_copy(module: nn.Module) -> nn.Module:
 
 @torch.no_grad()
 def ema_update(target: nn.Module, online: nn.Module, momentum: float) -> None:
-    """theta_t <- m theta_t + (1 - m) theta_o for every parameter (one fused op per list).
+    """theta_t <- m theta_t + (1 - m) theta_o for every parameter, as one fused lerp over the
+    whole list (theta_t + (1 - m)(theta_o - theta_t): one pass over the weights, not a
+    multiply and an add).
 
     BatchNorm running statistics are not averaged: the momentum encoder keeps its own, from
     its own forward passes, as in MoCo's reference code.
     """
-    t_params = list(target.parameters())
-    o_params = list(online.parameters())
-    torch._foreach_mul_(t_params, momentum)
-    torch._foreach_add_(t_params, o_params, alpha=1.0 - momentum)
+    torch._foreach_lerp_(list(target.parameters()), list(online.parameters()), 1.0 - momentum)
 
 
 class SplitBatchNorm(nn.BatchNorm2d):

@@ -69,6 +69,13 @@ class MoCo(ContrastiveMethod):
         self.register_buffer("queue_ptr", torch.zeros((), dtype=torch.long))
         self.register_buffer("queue_len", torch.zeros((), dtype=torch.long))
         self._pending_keys: torch.Tensor | None = None
+        # queue_ptr mirrored on the host, so that a write is a slice copy that never waits
+        # for the device; read from the buffer once after construction or a load.
+        self._ptr: int | None = None
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        super()._load_from_state_dict(*args, **kwargs)
+        self._ptr = None
 
     @staticmethod
     def check_config(cfg: Config, need: Need) -> None:
@@ -130,10 +137,17 @@ class MoCo(ContrastiveMethod):
 
     @torch.no_grad()
     def enqueue(self, keys: torch.Tensor) -> None:
-        """Write keys (B, d) at the pointer, wrapping around; K need not divide B."""
+        """Write keys (B, d) into the ring buffer in place at the pointer: one slice copy, two
+        where it wraps around (K need not divide B; of more than K keys the last K stay)."""
         size = self.queue.shape[0]
-        keys = keys[-size:]
-        idx = (self.queue_ptr + torch.arange(keys.shape[0], device=keys.device)) % size
-        self.queue[idx] = keys.to(self.queue.dtype)
-        self.queue_ptr.copy_((self.queue_ptr + keys.shape[0]) % size)
-        self.queue_len.copy_(torch.clamp(self.queue_len + keys.shape[0], max=size))
+        keys = keys[-size:].to(self.queue.dtype)
+        if self._ptr is None:
+            self._ptr = int(self.queue_ptr)
+        ptr, n = self._ptr, keys.shape[0]
+        first = min(n, size - ptr)
+        self.queue[ptr:ptr + first].copy_(keys[:first])
+        if first < n:
+            self.queue[:n - first].copy_(keys[first:])
+        self._ptr = (ptr + n) % size
+        self.queue_ptr.fill_(self._ptr)
+        self.queue_len.copy_(torch.clamp(self.queue_len + n, max=size))
