@@ -148,3 +148,38 @@ def test_gpu_check_help_lists_every_option():
 def test_gpu_scripts_pass_shellcheck():
     subprocess.run(["shellcheck", "scripts/gpu_check.sh", "scripts/gpu_pack.sh",
                     "scripts/gpu_wheels.sh"], cwd=ROOT, check=True)
+
+
+def test_the_benchmark_counts_step_flops_as_the_arithmetic_says():
+    """eval/bench_gpu.py's limit columns: FlopCounterMode's count of one training step is
+    forward + backward (about 3x the forward: the first convolution needs no input gradient),
+    MoCo adds the key encoder's forward of both views (about 4/3 of SimCLR's step), and the
+    fraction of the peak follows from the measured milliseconds."""
+    import torch
+    from bench_gpu import limit_fraction, step_flops
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from ssl_sec.methods import build_model
+    from ssl_sec.recipe import from_dict
+
+    small = ["model.cifar_stem=false", "model.proj_hidden_dim=64", "model.proj_output_dim=16",
+             "optim.batch_size=8", "augment.size=32", "moco.bn_splits=2", "moco.queue_size=16",
+             "loss.sec.eta=0.1"]
+    g = torch.Generator().manual_seed(0)
+    views = (torch.randn(8, 3, 32, 32, generator=g), torch.randn(8, 3, 32, 32, generator=g))
+    counted = {}
+    for method in ("simclr", "moco"):
+        cfg = from_dict({}, [*small, f"method={method}"])
+        torch.manual_seed(0)
+        model = build_model(cfg, torch.device("cpu")).train()
+        counted[method] = step_flops(model, views, cfg)
+    torch.manual_seed(0)
+    model = build_model(from_dict({}, [*small, "method=simclr"]), torch.device("cpu")).train()
+    with FlopCounterMode(display=False) as forward_only, torch.no_grad():
+        model(*views, 0.5, False)
+    ratio = counted["simclr"] / forward_only.get_total_flops()
+    assert 2.8 < ratio <= 3.0, ratio
+    assert 1.25 < counted["moco"] / counted["simclr"] < 1.4
+    lim = limit_fraction(2e12, 10.0, {"tflops": 400.0})
+    assert lim["achieved_tflops"] == pytest.approx(200.0)
+    assert lim["fraction_of_peak"] == pytest.approx(0.5) and lim["ideal_ms_per_step"] == 5.0
