@@ -565,13 +565,13 @@ def table(r: dict) -> str:
         ("MoCo epoch / SimCLR epoch", f"{r['moco_over_simclr_epoch']:.2f}x", "<= 1.4x",
          ok(r["moco_over_simclr_epoch"] <= TARGETS["moco_over_simclr"])),
         (f"peak matmul ({r['peak_matmul']['dtype']} {r['peak_matmul']['n']}^3)",
-         f"{r['peak_matmul']['tflops']:.1f} TFLOP/s", "-", "-"),
+         f"{r['peak_matmul']['tflops']:.3g} TFLOP/s", "-", "-"),
     ]
     for method, key in (("SimCLR", "step_breakdown"), ("MoCo", "step_breakdown_moco")):
         lim, ep = r[key]["limit_model_step"], r["epoch_limit"][method.lower()]
         rows.append((f"{method}: counted FLOPs / step, achieved (model step | epoch)",
-                     f"{lim['tflop_per_step']:.2f} TFLOP, {lim['achieved_tflops']:.1f} | "
-                     f"{ep['achieved_tflops']:.1f} TFLOP/s", "-", "-"))
+                     f"{lim['tflop_per_step']:.3g} TFLOP, {lim['achieved_tflops']:.3g} | "
+                     f"{ep['achieved_tflops']:.3g} TFLOP/s", "-", "-"))
         rows.append((f"{method}: fraction of the peak (model step | epoch)",
                      f"{100 * lim['fraction_of_peak']:.1f}% | {100 * ep['fraction_of_peak']:.1f}%"
                      f" (ideal step {lim['ideal_ms_per_step']:.1f} ms)", "-", "-"))
