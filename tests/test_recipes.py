@@ -257,6 +257,10 @@ def _check_run(cfg: Config, scale: Scale, run: Path, result: dict, steps: int,
         assert 0 < int(model["queue_len"]) <= cfg.moco.queue_size
         assert model["queue"].shape == (cfg.moco.queue_size, cfg.model.proj_output_dim)
         assert any(k.startswith("momentum_encoder.") for k in model)
+    elif cfg.method == "mocov3":  # a momentum encoder and a predictor, no queue
+        assert any(k.startswith("momentum_encoder.") for k in model)
+        assert any(k.startswith("predictor.") for k in model)
+        assert not any(k.startswith("queue") for k in model)
     else:
         assert not any(k.startswith(("queue", "momentum_encoder.")) for k in model)
     # The checkpoint's backbone as a user loads it: the recipe's stem and feature width.
