@@ -22,6 +22,7 @@ modules=(
   tests/test_augment.py tests/test_optim.py tests/test_precision.py tests/test_norms.py
   tests/test_linear.py tests/test_kshot.py tests/test_distributed.py
   tests/test_feature_cache.py tests/test_pretrained.py tests/test_data.py
+  tests/test_mocov3.py tests/test_uniformity.py
 )
 skip="not bf16_training and not cli_ and not short_real and not resume and not torchrun"
 skip+=" and not fp16_run and not progress_lines and not architectures_by_name"
@@ -32,7 +33,13 @@ if grep -qw avx512f /proc/cpuinfo 2>/dev/null; then
 else
   onednn=SSE41
 fi
+# Workers as scripts/test.sh: one per core, up to 4 (the variables reach every worker).
+cores=$(nproc 2>/dev/null || echo 1)
+workers=${TEST_WORKERS:-$((cores < 4 ? cores : 4))}
+parallel=()
+[ "$workers" -gt 1 ] && parallel=(-n "$workers" --dist worksteal)
 for setting in "ONEDNN_MAX_CPU_ISA=$onednn" "ATEN_CPU_CAPABILITY=default"; do
   echo "== numerics-sensitive tests under $setting"
-  env "$setting" .venv/bin/python -m pytest "${modules[@]}" -k "$skip" -q -p no:cacheprovider "$@"
+  env "$setting" .venv/bin/python -m pytest "${modules[@]}" -k "$skip" -q -p no:cacheprovider \
+    "${parallel[@]}" "$@"
 done
