@@ -46,8 +46,7 @@ class Objective(nn.Module):
         super().__init__()
         self.terms = nn.ModuleDict({name: term(getattr(loss, name))
                                     for name, term in TERMS.items()})
-        matrix = [n for n, t in self.terms.items()
-                  if t.reads == "similarities" and t.options.weight_at(0.0) > 0]
+        matrix = [n for n, t in self.terms.items() if t.reads == "similarities" and _active(t)]
         # The fast path covers the matrix terms when they are all fusable.
         self.fused = fused and all(n in FUSED for n in matrix)
         # The norms the logs show (and SEC constrains): the projector's or the backbone's.
